@@ -1,0 +1,8 @@
+"""unetcell: the U-Net of Ronneberger, Fischer & Brox (MICCAI 2015) for cells in microscopy.
+
+The modules follow the data flow: config -> io -> synth -> targets -> augment -> data -> model
+-> losses -> train -> tiling -> postprocess -> predict -> evaluate -> export; the CLI is a thin
+layer over them.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,253 @@
+"""Every setting of unetcell as frozen dataclasses: loaded from TOML, overridden by the CLI,
+saved beside the model and read back (the CSBDeep habit: one config object, validated).
+
+A TOML file has one table per section, each key a field of that section's dataclass:
+
+    [model]
+    filters = 16
+    depth = 3
+
+    [train]
+    epochs = 20
+
+Unknown sections or keys are an error that names the file and the key, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+
+from .errors import ConfigError
+from .files import write_text_atomic
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net (paper section 2, Figure 1). The defaults are the paper's network."""
+
+    channels: int = 1  # input channels
+    classes: int = 2  # background and cell
+    filters: int = 64  # channels of the first level; doubled at each pooling
+    depth: int = 4  # number of 2x2 poolings
+    padding: str = "valid"  # valid: the paper's unpadded convolutions; same: zero padding
+    upsampling: str = "transpose"  # transpose (paper's up-convolution) | bilinear | nearest
+    batch_norm: bool = False
+    dropout: float = 0.5  # at the end of the contracting path (paper section 3.1)
+
+    def __post_init__(self) -> None:
+        _check(self.channels >= 1, f"model.channels must be >= 1. Received: {self.channels}")
+        _check(self.classes >= 2, f"model.classes must be >= 2. Received: {self.classes}")
+        _check(self.filters >= 1, f"model.filters must be >= 1. Received: {self.filters}")
+        _check(1 <= self.depth <= 6, f"model.depth must be in 1..6. Received: {self.depth}")
+        _check(
+            self.padding in ("valid", "same"),
+            f"model.padding must be 'valid' or 'same'. Received: {self.padding!r}",
+        )
+        _check(
+            self.upsampling in ("transpose", "bilinear", "nearest"),
+            "model.upsampling must be 'transpose', 'bilinear' or 'nearest'. "
+            f"Received: {self.upsampling!r}",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1). Received: {self.dropout}")
+
+
+@dataclass(frozen=True)
+class NormalizeConfig:
+    """Percentile normalisation per channel, computed once per image or slide (never per
+    tile), stored with the model and applied identically in train, predict and export."""
+
+    lower: float = 1.0  # percentile mapped to 0
+    upper: float = 99.8  # percentile mapped to 1
+    sample_pixels: int = 4_000_000  # larger slides are subsampled on a stride for the percentiles
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 <= self.lower < self.upper <= 100.0,
+            f"normalize.lower and normalize.upper must satisfy 0 <= lower < upper <= 100. "
+            f"Received: {self.lower}, {self.upper}",
+        )
+
+
+@dataclass(frozen=True)
+class TargetsConfig:
+    """What the network is taught: classes with carved gaps and the weight map (paper eq. 2)."""
+
+    w0: float = 10.0
+    sigma: float = 5.0
+    # Exponent of the class-frequency balance w_c: 1 is full inverse-frequency balancing,
+    # 0 none. Full balancing pushed foreground probabilities up and merged neighbours on real
+    # nuclei (DESIGN.md), so the default is milder.
+    balance: float = 0.5
+    gap: int = 1  # background pixels carved between touching cells (paper Figure 3c)
+
+    def __post_init__(self) -> None:
+        _check(self.w0 >= 0, f"targets.w0 must be >= 0. Received: {self.w0}")
+        _check(self.sigma > 0, f"targets.sigma must be > 0. Received: {self.sigma}")
+        _check(0 <= self.balance <= 1, f"targets.balance must be in [0, 1]. Received: {self.balance}")
+        _check(self.gap in (0, 1, 2), f"targets.gap must be 0, 1 or 2. Received: {self.gap}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The augmentation pipeline (paper section 3.1): flips, shifts and rotations, gray-value
+    variations and the elastic deformation on a coarse grid."""
+
+    enabled: bool = True
+    flip: bool = True  # flips and 90-degree rotations
+    affine_p: float = 0.5  # small shifts, rotations and scaling
+    shift: float = 0.05  # fraction of the tile
+    rotate: float = 15.0  # degrees
+    scale: float = 0.1
+    elastic_p: float = 0.8
+    elastic_grid: int = 3
+    elastic_sigma: float = 10.0  # pixels, standard deviation of the grid displacements
+    brightness_contrast_p: float = 0.5
+    gamma_p: float = 0.3
+    noise_p: float = 0.3
+    blur_p: float = 0.2
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.name.endswith("_p"):
+                value = getattr(self, f.name)
+                _check(0.0 <= value <= 1.0, f"augment.{f.name} must be in [0, 1]. Received: {value}")
+        _check(self.elastic_grid >= 2, f"augment.elastic_grid must be >= 2. Received: {self.elastic_grid}")
+        _check(self.elastic_sigma >= 0, f"augment.elastic_sigma must be >= 0. Received: {self.elastic_sigma}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training (paper section 3): large tiles rather than large batches."""
+
+    epochs: int = 50
+    steps_per_epoch: int = 100
+    batch_size: int = 1
+    tile: int = 572  # input tile edge; rounded to the nearest valid size
+    optimizer: str = "adam"  # adam | sgd (momentum below; the paper's choice)
+    learning_rate: float = 1e-3
+    momentum: float = 0.99  # sgd only
+    val_fraction: float = 0.2  # 0: no validation
+    val_tiles: int = 8  # fixed validation tiles per validation image or strip
+    seed: int = 0
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs must be >= 1. Received: {self.epochs}")
+        _check(self.steps_per_epoch >= 1, f"train.steps_per_epoch must be >= 1. Received: {self.steps_per_epoch}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1. Received: {self.batch_size}")
+        _check(self.tile >= 8, f"train.tile must be >= 8. Received: {self.tile}")
+        _check(
+            self.optimizer in ("adam", "sgd"),
+            f"train.optimizer must be 'adam' or 'sgd'. Received: {self.optimizer!r}",
+        )
+        _check(self.learning_rate > 0, f"train.learning_rate must be > 0. Received: {self.learning_rate}")
+        _check(0 <= self.val_fraction < 1, f"train.val_fraction must be in [0, 1). Received: {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Overlap-tile prediction and the step from probabilities to instances."""
+
+    tile: int = 0  # input tile edge; 0 picks the default for the model's depth
+    batch_size: int = 4
+    threshold: float = 0.5  # foreground probability
+    min_size: int = 16  # instances smaller than this (pixels) are dropped
+
+    def __post_init__(self) -> None:
+        _check(self.tile >= 0, f"predict.tile must be >= 0. Received: {self.tile}")
+        _check(self.batch_size >= 1, f"predict.batch_size must be >= 1. Received: {self.batch_size}")
+        _check(0 < self.threshold < 1, f"predict.threshold must be in (0, 1). Received: {self.threshold}")
+        _check(self.min_size >= 0, f"predict.min_size must be >= 0. Received: {self.min_size}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def override(self, section: str, **values: Any) -> "Config":
+        """A copy with `values` set in `section`; None values (CLI options not given) are
+        skipped, so the TOML file's settings survive unless the user overrides them."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        return replace(self, **{section: _section_from(section, getattr(self, section), values)})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def _section_from(name: str, base: Any, values: Mapping[str, Any], source: str = "") -> Any:
+    where = f" in {source}" if source else ""
+    known = {f.name: f for f in fields(base)}
+    clean = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown setting {name}.{key}{where}. Expected one of: {', '.join(known)}"
+            )
+        default = getattr(base, key)
+        # TOML has no int/float distinction worth enforcing for floats: 1 means 1.0.
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not type(default):
+            raise ConfigError(
+                f"{name}.{key}{where} must be {type(default).__name__}. Received: {value!r}"
+            )
+        clean[key] = value
+    return replace(base, **clean)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "") -> Config:
+    where = f" in {source}" if source else ""
+    config = Config()
+    for name, values in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(
+                f"unknown section [{name}]{where}. Expected one of: {', '.join(_SECTIONS)}"
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{name}]{where} must be a table of settings")
+        config = replace(config, **{name: _section_from(name, getattr(config, name), values, source)})
+    return config
+
+
+def load_config(path: str | os.PathLike | None) -> Config:
+    """The settings of a TOML file on top of the defaults (the defaults when `path` is None)."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return config_from_dict(data, source=str(path))
+
+
+def config_to_toml(config: Config) -> str:
+    return tomli_w.dumps(config.to_dict())
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    write_text_atomic(path, config_to_toml(config))

@@ -1,0 +1,170 @@
+"""The U-Net (paper section 2, Figure 1) and its size arithmetic.
+
+With unpadded ("valid") convolutions every 3x3 convolution trims one pixel per side and every
+2x2 pooling must see an even size, so only some input sizes are valid and the output is
+smaller than the input by a fixed margin (572 -> 388 at depth 4, a margin of 92 per side).
+Keras does not check this: pooling floors an odd size and the centre crop hides the
+mismatch, so an invalid size silently gives a shifted, wrong output. This module owns the
+arithmetic (`valid_input_size`, `output_size`, `margin`) and everything else asks it.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from .config import ModelConfig
+from .errors import ConfigError
+
+_CONVS_PER_LEVEL = 2
+
+
+def _trim(padding: str) -> int:
+    """Pixels one level's two 3x3 convolutions remove from a size."""
+    return 2 * _CONVS_PER_LEVEL if padding == "valid" else 0
+
+
+def _output_or_none(input_size: int, depth: int, padding: str) -> int | None:
+    trim = _trim(padding)
+    size = input_size
+    for _ in range(depth):
+        size -= trim
+        if size < 2 or size % 2:
+            return None
+        size //= 2
+    size -= trim  # the bottom of the U
+    if size < 1:
+        return None
+    for _ in range(depth):
+        size = 2 * size - trim
+    return size
+
+
+def output_size(input_size: int, depth: int, padding: str = "valid") -> int:
+    """The output edge for an input edge; raises ConfigError for an invalid input size."""
+    size = _output_or_none(input_size, depth, padding)
+    if size is None:
+        raise ConfigError(
+            f"input size {input_size} is not valid for a U-Net of depth {depth} with "
+            f"{padding} padding: every 2x2 pooling must see an even size. "
+            f"Nearest valid size: {valid_input_size(input_size, depth, padding)}"
+        )
+    return size
+
+
+def is_valid_input_size(input_size: int, depth: int, padding: str = "valid") -> bool:
+    return _output_or_none(input_size, depth, padding) is not None
+
+
+def margin(depth: int, padding: str = "valid") -> int:
+    """Pixels per side that an unpadded U-Net's output lacks against its input (92 at depth 4)."""
+    # From output_size: input - output = 12 * 2**depth - 8 for two 3x3 convolutions per level.
+    return 0 if padding == "same" else 6 * 2**depth - 4
+
+
+def _first_valid(depth: int, padding: str) -> int:
+    size = 1
+    while not is_valid_input_size(size, depth, padding):
+        size += 1
+    return size
+
+
+def valid_input_size(size: int, depth: int, padding: str = "valid", rounding: str = "nearest") -> int:
+    """The valid input edge nearest to `size` (or the next one up or down).
+
+    Valid sizes form the lattice 2**depth * k + (2 * margin mod 2**depth): 572 = 16 * 32 + 60
+    at depth 4. Ties round up, and a size below the smallest valid one gives the smallest.
+    """
+    step = 2**depth
+    first = _first_valid(depth, padding)
+    if size <= first:
+        return first
+    below = first + (size - first) // step * step
+    above = below if below == size else below + step
+    if rounding == "up":
+        return above
+    if rounding == "down":
+        return below
+    return below if size - below < above - size else above
+
+
+def build_unet(config: ModelConfig | None = None, name: str = "unet") -> keras.Model:
+    """The U-Net of the paper: a functional Keras model from images to class probabilities.
+
+    Contracting path: per level two 3x3 convolutions + ReLU and a 2x2 max pooling, doubling
+    the filters. Expansive path: a 2x2 up-convolution halving the filters (or bilinear /
+    nearest up-sampling followed by a 2x2 convolution), concatenation with the centre-cropped
+    contracting feature map, two 3x3 convolutions + ReLU. Dropout at the end of the
+    contracting path; a final 1x1 convolution and a softmax over the classes. Weights are He
+    normal (std sqrt(2/N), section 3). At the defaults: 23 convolutions, 572 -> 388.
+
+    The input's height and width are left open, so one model serves training tiles and
+    prediction tiles of any valid size.
+    """
+    config = config or ModelConfig()
+    conv = dict(
+        kernel_size=3, padding=config.padding, kernel_initializer="he_normal",
+        use_bias=not config.batch_norm,
+    )
+
+    def double_conv(x, filters, prefix):
+        for i in (1, 2):
+            x = layers.Conv2D(filters, name=f"{prefix}_conv{i}", **conv)(x)
+            if config.batch_norm:
+                x = layers.BatchNormalization(name=f"{prefix}_bn{i}")(x)
+            x = layers.ReLU(name=f"{prefix}_relu{i}")(x)
+        return x
+
+    inputs = keras.Input((None, None, config.channels), name="image")
+    x = inputs
+    skips = []
+    for level in range(config.depth):
+        x = double_conv(x, config.filters * 2**level, f"down{level}")
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"down{level}_pool")(x)
+    x = double_conv(x, config.filters * 2**config.depth, "bottom")
+    if config.dropout:
+        x = layers.Dropout(config.dropout, name="bottom_dropout")(x)
+    for level in reversed(range(config.depth)):
+        filters = config.filters * 2**level
+        if config.upsampling == "transpose":
+            x = layers.Conv2DTranspose(
+                filters, 2, strides=2, kernel_initializer="he_normal", name=f"up{level}_upconv"
+            )(x)
+        else:
+            x = layers.UpSampling2D(2, interpolation=config.upsampling, name=f"up{level}_upsample")(x)
+            # "same" keeps the 2x grid of the up-sampled map, so the size arithmetic holds.
+            x = layers.Conv2D(
+                filters, 2, padding="same", kernel_initializer="he_normal", name=f"up{level}_upconv"
+            )(x)
+        skip = CenterCrop2D(name=f"up{level}_crop")([skips[level], x])
+        x = layers.Concatenate(name=f"up{level}_concat")([skip, x])
+        x = double_conv(x, filters, f"up{level}")
+    x = layers.Conv2D(config.classes, 1, kernel_initializer="he_normal", name="classifier")(x)
+    # float32 softmax keeps probabilities exact under a mixed-precision policy.
+    outputs = layers.Softmax(dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+@keras.saving.register_keras_serializable(package="unetcell")
+class CenterCrop2D(layers.Layer):
+    """Crop the first input to the height and width of the second, keeping its centre.
+
+    Keras' Cropping2D needs fixed integers; the U-Net's skip connections need a crop that
+    follows the tile size, which is only known at run time. The sizes differ by an even number
+    for every valid input size, so the crop is symmetric.
+    """
+
+    def call(self, inputs):
+        source, like = inputs
+        shape = keras.ops.shape(source)
+        target = keras.ops.shape(like)
+        top = (shape[1] - target[1]) // 2
+        left = (shape[2] - target[2]) // 2
+        return keras.ops.slice(
+            source, [0, top, left, 0], [shape[0], target[1], target[2], shape[3]]
+        )
+
+    def compute_output_shape(self, input_shapes):
+        source, like = input_shapes
+        return (source[0], like[1], like[2], source[3])
