@@ -10,11 +10,20 @@ arithmetic (`valid_input_size`, `output_size`, `margin`) and everything else ask
 
 from __future__ import annotations
 
+import os
+import zipfile
+from pathlib import Path
+
 import keras
 from keras import layers
 
-from .config import ModelConfig
-from .errors import ConfigError
+from .config import Config, ModelConfig, config_from_dict, config_to_toml
+from .errors import ConfigError, DataError
+from .files import atomic_path, check_writable
+
+# The unetcell settings (normalisation, targets, prediction) travel inside the .keras file, so
+# `unetcell predict MODEL` needs nothing else; Keras ignores zip entries it does not know.
+CONFIG_ENTRY = "unetcell_config.toml"
 
 _CONVS_PER_LEVEL = 2
 
@@ -168,3 +177,40 @@ class CenterCrop2D(layers.Layer):
     def compute_output_shape(self, input_shapes):
         source, like = input_shapes
         return (source[0], like[1], like[2], source[3])
+
+
+def save_model(
+    model: keras.Model, path: str | os.PathLike, config: Config, overwrite: bool = False,
+    include_optimizer: bool = True,
+) -> Path:
+    """Save a .keras file atomically, with the unetcell config inside it."""
+    path = check_writable(path, overwrite)
+    with atomic_path(path) as tmp:
+        model.save(tmp, include_optimizer=include_optimizer)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(CONFIG_ENTRY, config_to_toml(config))
+    return path
+
+
+def load_model(path: str | os.PathLike, compile: bool = False) -> tuple[keras.Model, Config]:
+    """A model saved by unetcell and its config, in Keras' safe mode (no arbitrary code)."""
+    import tomllib
+
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise DataError(f"{path}: expected a .keras model file written by `unetcell train`")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            text = archive.read(CONFIG_ENTRY).decode() if CONFIG_ENTRY in names else None
+        model = keras.saving.load_model(path, compile=compile, safe_mode=True)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be loaded as a Keras model ({e})") from None
+    if text is None:
+        # A plain Keras U-Net: take its channels and classes from its shapes.
+        config = Config().override(
+            "model", channels=int(model.input_shape[-1]), classes=int(model.output_shape[-1])
+        )
+    else:
+        config = config_from_dict(tomllib.loads(text), source=f"{path}:{CONFIG_ENTRY}")
+    return model, config
