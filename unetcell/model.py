@@ -46,6 +46,8 @@ def _output_or_none(input_size: int, depth: int, padding: str) -> int | None:
         return None
     for _ in range(depth):
         size = 2 * size - trim
+        if size < 1:  # the expansive path trims too: a tiny bottom may vanish on the way up
+            return None
     return size
 
 

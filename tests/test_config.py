@@ -1,0 +1,55 @@
+"""Settings: TOML in, CLI overrides on top, errors that name the file and the key."""
+
+import pytest
+
+from unetcell.config import Config, config_to_toml, load_config, save_config
+from unetcell.errors import ConfigError
+
+
+def test_defaults_are_the_papers_network():
+    c = Config()
+    assert (c.model.filters, c.model.depth, c.model.padding, c.model.upsampling) == (64, 4, "valid", "transpose")
+    assert (c.targets.w0, c.targets.sigma) == (10.0, 5.0)
+    assert (c.augment.elastic_grid, c.augment.elastic_sigma) == (3, 10.0)
+
+
+def test_toml_round_trip(tmp_path):
+    c = Config().override("model", filters=8).override("train", epochs=3, learning_rate=1e-4)
+    save_config(c, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == c
+
+
+def test_overrides_skip_options_not_given(tmp_path):
+    (tmp_path / "c.toml").write_text("[train]\nepochs = 7\n")
+    c = load_config(tmp_path / "c.toml").override("train", epochs=None, seed=4)
+    assert (c.train.epochs, c.train.seed) == (7, 4)
+
+
+def test_integers_are_accepted_for_floats(tmp_path):
+    (tmp_path / "c.toml").write_text("[targets]\nw0 = 5\n")
+    assert load_config(tmp_path / "c.toml").targets.w0 == 5.0
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[train]\nepoch = 3\n", ["train.epoch", "c.toml"]),
+        ("[trian]\nepochs = 3\n", ["[trian]", "c.toml"]),
+        ('[train]\nepochs = "3"\n', ["train.epochs", "int"]),
+        ('[model]\npadding = "full"\n', ["model.padding"]),
+        ("[train\n", ["not valid TOML"]),
+    ],
+)
+def test_bad_settings_name_the_file_and_key(tmp_path, text, words):
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.toml")
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_shipped_experiments_load():
+    from pathlib import Path
+
+    for path in Path(__file__).parent.parent.glob("experiments/*.toml"):
+        assert "[" in config_to_toml(load_config(path))
