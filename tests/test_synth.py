@@ -31,6 +31,10 @@ def test_cells_touch_and_vary_in_size():
     ids = np.unique(labels)[1:]
     np.testing.assert_array_equal(ids, np.arange(1, len(ids) + 1))
     assert len(ids) > 30
+    from skimage.measure import label
+
+    for cell in ids:  # every cell is one connected piece
+        assert label(labels == cell, connectivity=1).max() == 1
     assert len(_touching_pairs(labels)) > 10
     areas = np.bincount(labels.ravel())[1:]
     assert areas.max() > 2 * np.median(areas)

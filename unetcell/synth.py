@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from skimage import measure
 from skimage.segmentation import find_boundaries
 
 from .errors import OutputExistsError
@@ -66,9 +67,18 @@ def synth_labels(shape: tuple[int, int], rng: np.random.Generator, density: floa
             placed += 1
             labels[window][wins] = placed
             best[window][wins] = field[wins]
-    # Drop fragments of cells overwritten by their neighbours, then number 1..N.
-    sizes = np.bincount(labels.ravel())
-    labels[sizes[labels] < 12] = 0
+    # A cell cut in two by a neighbour keeps its largest piece; specks go; then number 1..N.
+    pieces = measure.label(labels, background=0, connectivity=1)
+    piece_area = np.bincount(pieces.ravel())
+    piece_cell = np.zeros_like(piece_area)
+    piece_cell[pieces.ravel()] = labels.ravel()
+    order = np.lexsort((-piece_area[1:], piece_cell[1:])) + 1  # by cell, largest piece first
+    first = np.r_[True, piece_cell[order][1:] != piece_cell[order][:-1]]
+    keep = np.zeros(piece_area.size, bool)
+    keep[order[first]] = True
+    keep &= piece_area >= 12
+    keep[0] = False
+    labels = np.where(keep[pieces], labels, 0)
     kept = np.unique(labels)
     kept = kept[kept > 0]
     lookup = np.zeros(labels.max() + 1, np.int32)
@@ -131,8 +141,9 @@ def write_dataset(
     written = []
     for name, child in zip(names, seeds):
         image, labels = synth_sample(shape, int(child.generate_state(1)[0]), bit_depth)
-        write_tiff(out / "images" / name, image, overwrite=True)
+        # zlib keeps the shipped sample small; every TIFF reader handles it.
+        write_tiff(out / "images" / name, image, overwrite=True, compression="zlib")
         mask_dtype = np.uint16 if labels.max() < 65536 else np.uint32
-        write_tiff(out / "masks" / name, labels.astype(mask_dtype), overwrite=True)
+        write_tiff(out / "masks" / name, labels.astype(mask_dtype), overwrite=True, compression="zlib")
         written.append(out / "images" / name)
     return written
