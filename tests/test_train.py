@@ -55,6 +55,7 @@ def test_run_folder_contents_and_safe_mode_loading(synth_folder, tmp_path):
     for name in ("model.keras", "last.keras", "state.json", "history.csv", "config.toml"):
         assert (tmp_path / "run" / name).exists(), name
     assert list((tmp_path / "run" / "logs").rglob("*tfevents*"))
+    assert list((tmp_path / "run" / "logs" / "validation").rglob("*tfevents*"))  # overlay images
     model = keras.saving.load_model(tmp_path / "run" / "model.keras", safe_mode=True)
     assert model(np.zeros((1, 92, 92, 1), np.float32)).shape == (1, 52, 52, 2)
     assert load_config(tmp_path / "run" / "config.toml") == SMALL

@@ -126,6 +126,34 @@ class RunCheckpoint(keras.callbacks.Callback):
         write_text_atomic(self.run_dir / "state.json", json.dumps(state, indent=2))
 
 
+class ValidationImages(keras.callbacks.Callback):
+    """A few validation tiles as TensorBoard images each epoch: predicted contours (magenta)
+    and true contours (green) on the tile, so a user sees what the numbers mean."""
+
+    def __init__(self, log_dir: Path, images: np.ndarray, packed: np.ndarray, margin: int):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(log_dir / "validation"))
+        self.images, self.packed, self.margin = images, packed, margin
+
+    def on_epoch_end(self, epoch, logs=None):
+        from skimage.measure import label
+
+        from .overlay import contour_overlay
+
+        probabilities = self.model.predict_on_batch(self.images)[..., 1]
+        m = self.margin
+        pictures = []
+        for image, packed, p in zip(self.images, self.packed, probabilities):
+            inner = image[m:image.shape[0] - m, m:image.shape[1] - m] if m else image
+            pictures.append(contour_overlay(
+                inner, predicted=label(p > 0.5, connectivity=1),
+                truth=label(packed[..., 0] > 0.5, connectivity=1),
+            ))
+        with self.writer.as_default():
+            tf.summary.image("validation overlays", np.stack(pictures), step=epoch, max_outputs=len(pictures))
+        self.writer.flush()
+
+
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume:
@@ -193,7 +221,10 @@ def train(
                                 start=epochs_done * steps * config.train.batch_size)
     train_ds = trainer.strategy.experimental_distribute_dataset(train_ds)
     val_ds = validation_dataset(val_examples, config)
+    pictures = []
     if val_ds is not None:
+        tiles, packed = next(iter(val_ds.unbatch().batch(3)))
+        pictures = [ValidationImages(run_dir / "logs", tiles.numpy(), packed.numpy(), geometry.margin)]
         val_ds = trainer.strategy.experimental_distribute_dataset(val_ds)
 
     callbacks = keras.callbacks.CallbackList(
@@ -201,6 +232,7 @@ def train(
             RunCheckpoint(run_dir, config, best, "val_loss" if val_ds is not None else None),
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
             keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
+            *pictures,
         ],
         add_progbar=verbose > 0, verbose=verbose, model=trainer.model,
         epochs=config.train.epochs, steps=steps,
