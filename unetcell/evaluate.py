@@ -54,7 +54,8 @@ from skimage.metrics import adapted_rand_error
 
 from .errors import DataError, UnetcellError
 from .files import check_writable, write_text_atomic
-from .io import is_image_file, read_image, read_mask
+from .folders import discover_pairs, files_by_stem
+from .io import read_image, read_mask
 
 THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
@@ -294,17 +295,7 @@ def _label_files(folder: Path) -> dict[str, Path]:
     """Label images in `folder` by stem; two files with one stem is an error naming both."""
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder of predictions")
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or not is_image_file(path):
-            continue
-        if path.stem in files:
-            raise DataError(
-                f"{folder}: two predictions share the stem {path.stem!r} "
-                f"({files[path.stem].name}, {path.name}); keep one"
-            )
-        files[path.stem] = path
-    return files
+    return files_by_stem(folder)
 
 
 def _instances(labels: np.ndarray, source: Path) -> np.ndarray:
@@ -333,10 +324,6 @@ def evaluate_folder(
     positives (at IoU 0.5) filled red and missed cells blue. Returns `pool`'s dict, with the
     data folder and the source of the predictions added.
     """
-    # data.py brings TensorFlow (its tf.data pipeline): imported here, the metrics above stay
-    # usable without it.
-    from .data import discover_pairs
-
     if (predictions is None) == (model is None):
         raise UnetcellError("evaluate needs exactly one of --model MODEL and --predictions DIR")
     pairs = discover_pairs(data)

@@ -1,0 +1,74 @@
+"""The dataset folder format: image/mask pairs matched by file stem.
+
+    FOLDER/images/a.tif   8- or 16-bit, grayscale or multi-channel
+    FOLDER/masks/a.tif    same stem, same height and width; instance labels or binary
+
+No TensorFlow here: evaluation and other tools find pairs without loading it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+from .io import is_image_file
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An image and its mask, matched by file stem."""
+
+    stem: str
+    image: Path
+    mask: Path | None
+
+
+def files_by_stem(folder: Path) -> dict[str, Path]:
+    """The image files of a folder by stem; two files with one stem is an error naming both."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if not is_image_file(path):
+            continue
+        if path.stem in files:
+            raise DataError(
+                f"{folder}: two files share the stem {path.stem!r} "
+                f"({files[path.stem].name}, {path.name}); keep one"
+            )
+        files[path.stem] = path
+    return files
+
+
+def discover_pairs(folder: str | os.PathLike, require_masks: bool = True) -> list[Pair]:
+    """The image/mask pairs of a dataset folder, sorted by stem.
+
+    Raises DataError for a missing images/ or masks/ folder, an empty folder, an image without
+    a mask or a mask without an image (usually a misspelt name).
+    """
+    folder = Path(folder)
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    if not images_dir.is_dir():
+        raise DataError(f"{folder}: expected an images/ folder (see data/README.md for the format)")
+    images = files_by_stem(images_dir)
+    if not images:
+        raise DataError(f"{images_dir}: no images (.tif, .tiff, .png, .jpg)")
+    if not require_masks and not masks_dir.is_dir():
+        return [Pair(stem, path, None) for stem, path in images.items()]
+    if not masks_dir.is_dir():
+        raise DataError(f"{folder}: expected a masks/ folder beside images/")
+    masks = files_by_stem(masks_dir)
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise DataError(
+            f"{images_dir / images[missing[0]].name}: no mask with the stem {missing[0]!r} in "
+            f"{masks_dir}" + (f" (and {len(missing) - 1} more images without masks)" if len(missing) > 1 else "")
+        )
+    orphans = sorted(set(masks) - set(images))
+    if orphans:
+        raise DataError(f"{masks[orphans[0]]}: a mask without an image of the same stem in {images_dir}")
+    return [Pair(stem, images[stem], masks[stem]) for stem in sorted(images)]
