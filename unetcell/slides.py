@@ -1,0 +1,322 @@
+"""Slides larger than memory: read lazily by rows, written tile by tile.
+
+`open_slide(path)` gives a `Slide`: the image as H x W x C in its stored dtype, of which only
+the rows asked for are read. TIFF is read through tifffile, with the axes rules of
+`unetcell.io.read_image` (Y, X and at most one channel axis, C or S; every other axis of
+size 1; ImageJ hyperstacks and OME-TIFF through tifffile's series axes):
+
+- uncompressed, contiguous TIFF (what `tifffile.imwrite` writes by default: often one strip
+  for the whole image) is read with positioned reads (`os.pread`) of exactly the rows needed.
+  Neither zarr (its chunk would be the whole strip) nor a memory map (the pages it touches
+  stay resident and count in the process's memory) keeps memory flat there;
+- tiled or striped and compressed TIFF and BigTIFF go through tifffile's zarr store
+  (`aszarr`), which decodes only the tiles or strips a window touches;
+- PNG, JPEG and other formats are read whole (`unetcell.io.read_image`).
+
+`write_tiled_tiff` writes an image that arrives as bands of rows (the output of
+`unetcell.tiling.predict_tiled_bands`) into a tiled TIFF, 256 x 256 tiles in TIFF tile order,
+through a temporary file renamed at the end; BigTIFF when the data needs it (> 2 GiB).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import tifffile
+
+from .errors import DataError
+from .files import atomic_path, check_writable
+from .io import TIFF_SUFFIXES, read_image
+
+_CHANNEL_AXES = "CS"  # as unetcell.io: tifffile's axis codes for channels and samples
+_BAND_ROWS = 256  # rows per read when a sample of the slide is gathered
+
+
+class Slide:
+    """A 2D image (H x W x C, stored dtype) read by rows; a context manager."""
+
+    path: Path | None = None
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as (stop - start, W, C) in the stored dtype."""
+        raise NotImplementedError
+
+    def _rows_at(self, index: np.ndarray) -> np.ndarray:
+        """Rows at sorted indices, read band by band (subclasses may read them one by one)."""
+        parts = []
+        for first in range(0, len(index), _BAND_ROWS):
+            chunk = index[first:first + _BAND_ROWS]
+            band = self.rows(int(chunk[0]), int(chunk[-1]) + 1)
+            parts.append(band[chunk - chunk[0]])
+        return np.concatenate(parts, axis=0) if parts else np.empty((0,) + self.shape[1:], self.dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        """Strided windows, such as slide[::step, ::step] for percentiles of a subsample: the
+        rows are read in bands and the columns strided band by band, so memory stays small."""
+        if not isinstance(key, tuple):
+            key = (key,)
+        if len(key) > 3 or not all(isinstance(k, slice) for k in key):
+            raise TypeError("a Slide supports slices only, e.g. slide[::4, ::4]")
+        rows = np.arange(self.shape[0])[key[0]]
+        rest = key[1:]
+        if len(rows) and np.any(np.diff(rows) < 0):
+            raise TypeError("a Slide reads rows in ascending order only")
+        parts = []
+        for first in range(0, len(rows), _BAND_ROWS):
+            parts.append(self._rows_at(rows[first:first + _BAND_ROWS])[(slice(None),) + rest])
+        if not parts:
+            return np.empty((0,) + np.empty(self.shape[1:])[rest].shape, self.dtype)
+        return np.concatenate(parts, axis=0)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path or ''} {self.shape} {self.dtype})"
+
+
+class ArraySlide(Slide):
+    """An image already in memory (or read whole: PNG, JPEG)."""
+
+    def __init__(self, array: np.ndarray, path: str | os.PathLike | None = None):
+        array = np.asarray(array)
+        if array.ndim == 2:
+            array = array[..., None]
+        if array.ndim != 3:
+            where = f"{path}: " if path else ""
+            raise DataError(f"{where}expected an H x W or H x W x C image. Received shape {array.shape}")
+        self.array = array
+        self.path = Path(path) if path else None
+        self.shape = tuple(int(s) for s in array.shape)  # type: ignore[assignment]
+        self.dtype = array.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.array[start:stop]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.array[key]
+
+
+class _TiffSlide(Slide):
+    """A TIFF series read by rows: positioned reads when the data is uncompressed and
+    contiguous, tifffile's zarr store otherwise."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tif = tifffile.TiffFile(path)
+        self._fd = None
+        self._zarr = None
+        try:
+            series = self._tif.series[0]
+            axes, shape = series.axes, tuple(series.shape)
+            keep = _layout(path, axes, shape)
+            self._axes, self._stored_shape = axes, shape
+            self._y = axes.index("Y")
+            # Stored axes -> Y, X, channel: the transpose that read_image applies.
+            kept = [a for a in axes if a in keep]
+            self._squeezed = [s for a, s in zip(axes, shape) if a in keep]
+            channel = [i for i, a in enumerate(kept) if a in _CHANNEL_AXES]
+            self._order = [kept.index("Y"), kept.index("X")] + channel
+            height, width = shape[axes.index("Y")], shape[axes.index("X")]
+            channels = shape[axes.index(kept[channel[0]])] if channel else 1
+            self.shape = (int(height), int(width), int(channels))
+            self.dtype = np.dtype(series.dtype).newbyteorder("=")
+            if self.dtype.kind not in "uif" and self.dtype != bool:
+                raise DataError(f"{path}: unsupported pixel type {series.dtype}")
+            page = series.keyframe
+            offset = series.dataoffset
+            plain = (
+                offset is not None and page.compression == 1 and page.predictor == 1
+                and page.fillorder == 1 and page.bitspersample == 8 * self.dtype.itemsize
+            )
+            if plain:
+                self._offset = int(offset)
+                self._file_dtype = np.dtype(series.dtype).newbyteorder(self._tif.byteorder)
+                self._fd = os.open(path, os.O_RDONLY)
+            else:
+                import zarr
+
+                self._zarr = zarr.open(series.aszarr(), mode="r")
+        except DataError:
+            self.close()
+            raise
+        except Exception as e:  # tifffile and zarr raise many types
+            self.close()
+            raise DataError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
+
+    def _to_yxc(self, data: np.ndarray, nrows: int) -> np.ndarray:
+        shape = list(self._squeezed)
+        shape[self._squeezed_y] = nrows
+        data = data.reshape(shape).transpose(self._order)
+        data = data if data.ndim == 3 else data[..., None]
+        return np.ascontiguousarray(data, dtype=self.dtype)
+
+    @property
+    def _squeezed_y(self) -> int:
+        kept_axes = [a for a in self._axes if a in "YX" or a in _CHANNEL_AXES]
+        return kept_axes.index("Y")
+
+    def _read_plain(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of every plane before the Y axis, by positioned reads."""
+        before = int(np.prod(self._stored_shape[:self._y], dtype=np.int64))
+        per_row = int(np.prod(self._stored_shape[self._y + 1:], dtype=np.int64))
+        height = self._stored_shape[self._y]
+        itemsize = self._file_dtype.itemsize
+        nrows = stop - start
+        out = np.empty((before, nrows * per_row), self._file_dtype)
+        for plane in range(before):
+            position = self._offset + ((plane * height + start) * per_row) * itemsize
+            view = memoryview(out[plane]).cast("B")
+            got = 0
+            while got < view.nbytes:  # pread may return fewer bytes than asked
+                n = os.preadv(self._fd, [view[got:]], position + got)
+                if n <= 0:
+                    raise DataError(f"{self.path}: file is shorter than its TIFF header says")
+                got += n
+        return out
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        start, stop = max(int(start), 0), min(int(stop), self.shape[0])
+        nrows = max(stop - start, 0)
+        try:
+            if self._fd is not None:
+                data = self._read_plain(start, stop)
+            else:
+                window = [slice(None)] * len(self._stored_shape)
+                window[self._y] = slice(start, stop)
+                data = np.asarray(self._zarr[tuple(window)])
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"{self.path}: cannot read rows {start}..{stop} ({type(e).__name__}: {e})") from None
+        return self._to_yxc(data, nrows)
+
+    def _rows_at(self, index: np.ndarray) -> np.ndarray:
+        if self._fd is None:
+            return super()._rows_at(index)
+        # Positioned reads of exactly the rows asked for: a strided sample reads 1/step of the file.
+        out = np.empty((len(index),) + self.shape[1:], self.dtype)
+        for i, row in enumerate(index):
+            out[i] = self.rows(int(row), int(row) + 1)[0]
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._zarr = None
+        self._tif.close()
+
+
+def _layout(path: Path, axes: str, shape: tuple[int, ...]) -> list[str]:
+    """The axes kept as Y, X and channels; the rules of unetcell.io.read_image."""
+    keep = []
+    for axis, size in zip(axes, shape):
+        if axis in "YX" or axis in _CHANNEL_AXES:
+            keep.append(axis)
+        elif size != 1:
+            raise DataError(
+                f"{path}: has axes {axes} with shape {shape}; unetcell segments 2D images, "
+                f"so axis {axis} (size {size}) must be split into separate files"
+            )
+    if sum(a in _CHANNEL_AXES for a in keep) > 1:
+        raise DataError(f"{path}: has more than one channel axis ({axes})")
+    if "Y" not in keep or "X" not in keep:
+        raise DataError(f"{path}: has axes {axes}; expected an image with Y and X axes")
+    return keep
+
+
+def open_slide(path: str | os.PathLike) -> Slide:
+    """The image at `path` as a `Slide`: lazy for TIFF, read whole for other formats."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        try:
+            return _TiffSlide(path)
+        except DataError:
+            raise
+    return ArraySlide(read_image(path), path)
+
+
+def as_slide(image: np.ndarray | Slide) -> Slide:
+    """An in-memory image (H x W or H x W x C) as a Slide; a Slide as it is."""
+    return image if isinstance(image, Slide) else ArraySlide(image)
+
+
+def write_tiled_tiff(
+    path: str | os.PathLike,
+    bands: Iterable[tuple[int, np.ndarray]],
+    shape: tuple[int, int],
+    dtype: np.dtype | str,
+    tile: int = 256,
+    compression: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an H x W image that arrives as bands `(first_row, rows)` from top to bottom into a
+    tiled TIFF, holding one row of TIFF tiles at a time; atomically (a temporary file renamed
+    at the end), refusing to replace a file without `overwrite`."""
+    path = check_writable(path, overwrite)
+    height, width = shape
+    dtype = np.dtype(dtype)
+    bigtiff = height * width * dtype.itemsize > 2**31 - 2**25  # headroom for the tile tables
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tiff:
+            tiff.write(
+                _tiff_tiles(bands, shape, dtype, tile), shape=(height, width), dtype=dtype,
+                tile=(tile, tile), compression=compression, photometric="minisblack",
+            )
+    return path
+
+
+def _tiff_tiles(
+    bands: Iterable[tuple[int, np.ndarray]], shape: tuple[int, int], dtype: np.dtype, tile: int
+) -> Iterator[np.ndarray]:
+    """Regroup bands of rows into tile x tile tiles in TIFF order (row of tiles by row of
+    tiles, left to right); edge tiles padded with zeros as the TIFF format wants."""
+    height, width = shape
+    buffer = np.zeros((tile, width), dtype)
+    filled = 0  # rows of buffer holding data
+    next_row = 0
+
+    def emit(rows: int) -> Iterator[np.ndarray]:
+        for left in range(0, width, tile):
+            block = np.zeros((tile, tile), dtype)
+            part = buffer[:rows, left:left + tile]
+            block[:rows, :part.shape[1]] = part
+            yield block
+
+    for first, band in bands:
+        if first != next_row or band.shape[1:] != (width,):
+            raise ValueError(f"band at row {first} with shape {band.shape}; expected row {next_row}, width {width}")
+        next_row += band.shape[0]
+        used = 0
+        while used < band.shape[0]:
+            take = min(tile - filled, band.shape[0] - used)
+            buffer[filled:filled + take] = band[used:used + take]
+            filled += take
+            used += take
+            if filled == tile:
+                yield from emit(tile)
+                filled = 0
+    if next_row != height:
+        raise ValueError(f"bands ended at row {next_row}; expected {height} rows")
+    if filled:
+        yield from emit(filled)
+
+
+def array_bands(array: np.ndarray, rows: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+    """An in-memory image as bands for `write_tiled_tiff`."""
+    for first in range(0, array.shape[0], rows):
+        yield first, array[first:first + rows]
