@@ -121,8 +121,26 @@ def train(data, run_dir, config_path, epochs, steps_per_epoch, batch_size, tile,
 @click.option("--overlay", is_flag=True, help="Also write an overlay PNG of predicted contours.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def predict(model, images, out, tile, batch_size, output, threshold, overlay, overwrite):
-    """Segment IMAGES of any size with the overlap-tile strategy."""
-    raise UnetcellError("predict is not implemented yet")
+    """Segment IMAGES of any size with the overlap-tile strategy.
+
+    Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
+    the height and width of each image. OUT is a .tif file for one image, a folder otherwise:
+    OUT/<stem>.tif, or OUT/probabilities/ and OUT/labels/ with --output both; overlays in
+    OUT/overlays/ (beside the file as OUT_overlay.png for one image).
+    """
+    from .config import Config
+    from .model import saved_config
+    from .predict import predict_files
+
+    config = (saved_config(model) or Config()).override(
+        "predict", tile=tile, batch_size=batch_size, threshold=threshold)
+    results = predict_files(model, images, out, config, output=output, overlay=overlay,
+                            overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
+    for result in results:
+        cells = "" if result.cells is None else f", {result.cells} cells"
+        click.echo(f"{result.source}: {result.shape[0]} x {result.shape[1]} in {result.tiles} "
+                   f"tiles of {result.tile_shape[0]} x {result.tile_shape[1]}{cells} -> "
+                   + ", ".join(str(p) for p in result.written))
 
 
 @main.command()

@@ -194,8 +194,9 @@ def save_model(
     return path
 
 
-def load_model(path: str | os.PathLike, compile: bool = False) -> tuple[keras.Model, Config]:
-    """A model saved by unetcell and its config, in Keras' safe mode (no arbitrary code)."""
+def saved_config(path: str | os.PathLike) -> Config | None:
+    """The unetcell config saved inside a .keras file, without loading the model; None for a
+    plain Keras model saved elsewhere."""
     import tomllib
 
     path = Path(path)
@@ -203,16 +204,25 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> tuple[keras.Mo
         raise DataError(f"{path}: expected a .keras model file written by `unetcell train`")
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            text = archive.read(CONFIG_ENTRY).decode() if CONFIG_ENTRY in names else None
+            if CONFIG_ENTRY not in archive.namelist():
+                return None
+            text = archive.read(CONFIG_ENTRY).decode()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be loaded as a Keras model ({e})") from None
+    return config_from_dict(tomllib.loads(text), source=f"{path}:{CONFIG_ENTRY}")
+
+
+def load_model(path: str | os.PathLike, compile: bool = False) -> tuple[keras.Model, Config]:
+    """A model saved by unetcell and its config, in Keras' safe mode (no arbitrary code)."""
+    path = Path(path)
+    config = saved_config(path)
+    try:
         model = keras.saving.load_model(path, compile=compile, safe_mode=True)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot be loaded as a Keras model ({e})") from None
-    if text is None:
+    if config is None:
         # A plain Keras U-Net: take its channels and classes from its shapes.
         config = Config().override(
             "model", channels=int(model.input_shape[-1]), classes=int(model.output_shape[-1])
         )
-    else:
-        config = config_from_dict(tomllib.loads(text), source=f"{path}:{CONFIG_ENTRY}")
     return model, config

@@ -1,8 +1,364 @@
-"""Overlap-tile prediction of whole images and slides (owned by the tiling/predict work).
+"""Overlap-tile prediction of images and slides of any size (paper section 2, Figure 2).
 
-Interface the rest of unetcell relies on (to be implemented):
+    slide (lazy rows) -> percentiles once per slide -> normalised bands of rows, mirrored at the
+    borders -> tiles on the 2**depth grid -> the U-Net in one tf.function per batch -> kept
+    outputs stitched band by band -> probabilities written tile by tile into a tiled (Big)TIFF
+    -> (labels: instances on the whole stitched foreground map) -> overlay PNG
 
-    predictor = load_predictor(model_path, config=None)
-    predictor.probabilities(image)   # H x W x C raw image -> H x W float32 foreground probability
-    predictor.labels(image)          # H x W x C raw image -> H x W int32 instance labels
+`Predictor` holds a loaded model with its saved settings and predicts one image at a time,
+in memory (`probabilities`, `labels`: what `unetcell evaluate --model` uses) or streamed from
+a file to files (`predict_slide`). `predict_files` is `unetcell predict`: it decides the output
+paths, refuses to replace existing files before any work, and shows a progress bar over files
+and tiles.
+
+Memory: probabilities stream in one band of tiles (tile x (W + 2 context) x C input, stride x W
+output), whatever the slide's height; labels need the whole foreground map, because a cell
+must never be cut at a band or tile border (instances are made after stitching), so they are
+refused with a clear error on slides that would not fit this machine's memory.
 """
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .config import Config
+from .errors import ConfigError, DataError
+from .files import check_writable
+from .io import TIFF_SUFFIXES
+from .normalize import apply_normalization, percentiles
+from .postprocess import instances
+from .slides import Slide, array_bands, as_slide, open_slide, write_tiled_tiff
+from .tiling import Geometry, TilePlan, forward_fn, predict_tiled_bands, smallest_tile, tile_plan
+
+OUTPUTS = ("probabilities", "labels", "both")
+
+# Output pixels kept per tile edge by default. Valid convolutions recompute the margin for
+# every tile, so bigger tiles waste less (benchmarks/predict.py: at depth 4, 16 filters, output
+# throughput grows about 1.5x from tile 252 to 700 and flattens beyond); 512 output pixels plus
+# the context gives tile 700 at depth 4 (388 -> 512 kept) and keeps a 64-filter batch of 4
+# under about 2 GiB of activations.
+DEFAULT_OUTPUT_EDGE = 512
+
+# Peak bytes per pixel of making labels: the stitched float32 map, the threshold, the int32
+# components and their one-pixel growth in `postprocess.instances`, measured about 25.
+LABEL_BYTES_PER_PIXEL = 25
+
+# The edge of the overlay picture; larger slides are shown on an integer stride.
+OVERLAY_EDGE = 2048
+
+
+def default_tile(geometry: Geometry) -> int:
+    """The valid tile edge that keeps about DEFAULT_OUTPUT_EDGE output pixels per tile."""
+    return geometry.valid_tile(DEFAULT_OUTPUT_EDGE + 2 * geometry.context, "up")
+
+
+def choose_tile(requested: int, geometry: Geometry) -> tuple[int, str | None]:
+    """(tile, note): `requested` (0 = the default) as a valid tile edge for `geometry`, and a
+    sentence for the user when it had to be changed (rounded to the nearest valid size, or up
+    to the smallest tile that keeps any output)."""
+    if requested == 0:
+        return default_tile(geometry), None
+    smallest = smallest_tile(geometry)
+    if requested < smallest:
+        return smallest, (
+            f"tile {requested} is too small for a depth-{geometry.depth} U-Net; "
+            f"using the smallest tile that keeps any output, {smallest}"
+        )
+    tile = geometry.valid_tile(requested, "nearest")
+    tile = max(tile, smallest)
+    if tile != requested:
+        return tile, (
+            f"tile {requested} is not a valid input size for a depth-{geometry.depth} U-Net "
+            f"with {geometry.padding} padding; using the nearest valid size, {tile}"
+        )
+    return tile, None
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_label_memory(shape: tuple[int, int], source: str | os.PathLike | None = None) -> None:
+    """Refuse, before any work, to make labels of a slide whose stitched foreground map would
+    not fit in about 3/4 of this machine's memory."""
+    memory = physical_memory()
+    need = LABEL_BYTES_PER_PIXEL * shape[0] * shape[1]
+    if memory is not None and need > 0.75 * memory:
+        where = f"{source}: " if source else ""
+        raise DataError(
+            f"{where}instance labels of a {shape[0]} x {shape[1]} slide need about "
+            f"{need / 2**30:.1f} GiB (the whole foreground map, so no cell is cut at a tile "
+            f"border) and this machine has {memory / 2**30:.1f} GiB; predict "
+            "--output probabilities (streamed in flat memory) or crop the slide"
+        )
+
+
+@dataclass
+class SlideResult:
+    """What `Predictor.predict_slide` wrote, and a few figures about the run."""
+
+    source: Path | None
+    shape: tuple[int, int]
+    tiles: int
+    tile_shape: tuple[int, int]
+    written: list[Path] = field(default_factory=list)
+    cells: int | None = None
+
+
+class Predictor:
+    """A trained U-Net ready to segment images of any size by overlap-tile prediction.
+
+    The percentile normalisation, the threshold and the minimum cell size come from the
+    settings saved with the model (`config` overrides them); the tile edge and batch size
+    from `config.predict` (tile 0 = `default_tile`). `note` says when the tile was changed
+    to a valid size.
+    """
+
+    def __init__(self, model, config: Config):
+        self.model = model
+        self.config = config
+        self.geometry = Geometry.of_model(model)
+        self.channels = int(model.input_shape[-1])
+        self.tile, self.note = choose_tile(config.predict.tile, self.geometry)
+        self.batch_size = config.predict.batch_size
+        self.predict_fn = forward_fn(model, "foreground", self.geometry)
+
+    def plan(self, height: int, width: int) -> TilePlan:
+        return tile_plan(height, width, self.tile, self.geometry)
+
+    def _check_channels(self, slide: Slide) -> None:
+        if slide.shape[2] != self.channels:
+            where = f"{slide.path}: " if slide.path else ""
+            raise DataError(
+                f"{where}has {slide.shape[2]} channel(s) but the model was trained on "
+                f"{self.channels}; give images with {self.channels} channel(s)"
+            )
+
+    def probability_bands(
+        self, slide: Slide | np.ndarray, on_batch: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """The foreground probability of `slide`, float32, as bands (first_row, rows x W) from
+        top to bottom. Percentiles come once from the whole slide (a strided sample), never
+        per tile, so tiles agree at their seams."""
+        slide = as_slide(slide)
+        self._check_channels(slide)
+        low, high = percentiles(slide, self.config.normalize)
+        plan = self.plan(slide.shape[0], slide.shape[1])
+
+        def read_rows(start: int, stop: int) -> np.ndarray:
+            return apply_normalization(slide.rows(start, stop), low, high)
+
+        return predict_tiled_bands(read_rows, plan, self.predict_fn, self.batch_size, on_batch)
+
+    def probabilities(self, image: Slide | np.ndarray) -> np.ndarray:
+        """H x W float32 foreground probability of an image (H x W or H x W x C, raw)."""
+        slide = as_slide(image)
+        out = np.empty(slide.shape[:2], np.float32)
+        for first, band in self.probability_bands(slide):
+            out[first:first + band.shape[0]] = band
+        return out
+
+    def instances(self, probability: np.ndarray) -> np.ndarray:
+        """Instance labels from a whole foreground map, with the saved threshold and min size."""
+        return instances(probability, self.config.predict.threshold, self.config.predict.min_size)
+
+    def labels(self, image: Slide | np.ndarray) -> np.ndarray:
+        """H x W int32 instance labels of an image (H x W or H x W x C, raw)."""
+        return self.instances(self.probabilities(image))
+
+    def predict_slide(
+        self,
+        source: str | os.PathLike | Slide | np.ndarray,
+        probabilities: str | os.PathLike | None = None,
+        labels: str | os.PathLike | None = None,
+        overlay: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> SlideResult:
+        """Predict one image or slide into any of: a tiled float32 TIFF of probabilities
+        (streamed: flat memory), a tiled int32 TIFF of instance labels, an overlay PNG of the
+        predicted contours on a downsampled view. Every file is written through a temporary
+        file renamed at the end; nothing is replaced without `overwrite`."""
+        outputs = [p for p in (probabilities, labels, overlay) if p is not None]
+        if not outputs:
+            raise ValueError("predict_slide needs at least one output path")
+        for path in outputs:
+            check_writable(path, overwrite)
+        slide = open_slide(source) if isinstance(source, (str, os.PathLike)) else as_slide(source)
+        with slide:
+            self._check_channels(slide)
+            height, width = slide.shape[:2]
+            if labels is not None:
+                check_label_memory((height, width), slide.path)
+            plan = self.plan(height, width)
+            result = SlideResult(slide.path, (height, width), plan.count, plan.tile_shape)
+            step = -(-max(height, width) // OVERLAY_EDGE)
+            whole = np.empty((height, width), np.float32) if labels is not None else None
+            small = []  # the foreground map on the overlay's stride, when no labels are made
+
+            def bands() -> Iterator[tuple[int, np.ndarray]]:
+                for first, band in self.probability_bands(slide, on_batch):
+                    if whole is not None:
+                        whole[first:first + band.shape[0]] = band
+                    elif overlay is not None:
+                        small.append(band[(-first) % step::step, ::step])
+                    yield first, band
+
+            if probabilities is not None:
+                written = write_tiled_tiff(probabilities, bands(), (height, width), np.float32,
+                                           overwrite=overwrite)
+                result.written.append(written)
+            else:
+                for _ in bands():
+                    pass
+
+            label_image = None
+            if whole is not None:
+                label_image = self.instances(whole)
+                del whole
+                result.cells = int(label_image.max())
+                result.written.append(write_tiled_tiff(
+                    labels, array_bands(label_image), (height, width), np.int32,
+                    compression="zlib", overwrite=overwrite))
+            if overlay is not None:
+                from .overlay import contour_overlay, save_overlay
+
+                if label_image is not None:
+                    shown = label_image[::step, ::step]
+                else:
+                    # Contours of instances made on the overlay's stride: the picture of a
+                    # probabilities-only run costs no full-size map.
+                    min_size = -(-self.config.predict.min_size // (step * step))
+                    shown = instances(np.concatenate(small, axis=0),
+                                      self.config.predict.threshold, min_size)
+                view = slide[::step, ::step]
+                rgb = contour_overlay(view, shown, max_edge=max(view.shape[:2]))
+                result.written.append(save_overlay(overlay, rgb, overwrite=overwrite))
+        return result
+
+
+def load_predictor(model_path: str | os.PathLike, config: Config | None = None) -> Predictor:
+    """A `Predictor` for a model saved by `unetcell train`; `config` replaces the settings
+    saved with it (normalisation, threshold, min size, tile, batch size)."""
+    from .model import load_model
+
+    model, saved = load_model(model_path, compile=False)
+    return Predictor(model, config if config is not None else saved)
+
+
+# --- unetcell predict ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where one image's results go."""
+
+    image: Path
+    probabilities: Path | None
+    labels: Path | None
+    overlay: Path | None
+
+    def paths(self) -> list[Path]:
+        return [p for p in (self.probabilities, self.labels, self.overlay) if p is not None]
+
+
+def output_paths(
+    images: Sequence[str | os.PathLike], out: str | os.PathLike, output: str, overlay: bool
+) -> list[Outputs]:
+    """The files `unetcell predict` writes for each image.
+
+    One image and OUT ending in .tif/.tiff: OUT is the file (`--output both`: probabilities in
+    OUT, labels in OUT_labels.tif); the overlay goes beside it as OUT_overlay.png.
+    Otherwise OUT is a folder: OUT/<stem>.tif for one kind of output (so `unetcell evaluate
+    --predictions OUT` finds label images by stem), OUT/probabilities/<stem>.tif and
+    OUT/labels/<stem>.tif for both, overlays in OUT/overlays/<stem>.png.
+    """
+    if output not in OUTPUTS:
+        raise ConfigError(f"output must be one of {', '.join(OUTPUTS)}. Received: {output!r}")
+    images = [Path(p) for p in images]
+    if not images:
+        raise ConfigError("predict needs at least one image")
+    out = Path(out)
+    want_prob = output in ("probabilities", "both")
+    want_labels = output in ("labels", "both")
+    single_file = len(images) == 1 and out.suffix.lower() in TIFF_SUFFIXES and not out.is_dir()
+    if len(images) > 1 and out.suffix.lower() in TIFF_SUFFIXES and not out.is_dir():
+        raise ConfigError(f"{out}: {len(images)} images need an output folder, not a TIFF file")
+    if single_file:
+        stem = out.with_suffix("")
+        return [Outputs(
+            images[0],
+            out if want_prob else None,
+            (Path(f"{stem}_labels.tif") if want_prob else out) if want_labels else None,
+            Path(f"{stem}_overlay.png") if overlay else None,
+        )]
+    stems: dict[str, Path] = {}
+    for image in images:
+        if image.stem in stems:
+            raise ConfigError(
+                f"{image}: has the same stem as {stems[image.stem]}; their outputs in {out} "
+                "would collide, predict them into separate folders"
+            )
+        stems[image.stem] = image
+    both = want_prob and want_labels
+    return [
+        Outputs(
+            image,
+            (out / "probabilities" if both else out) / f"{image.stem}.tif" if want_prob else None,
+            (out / "labels" if both else out) / f"{image.stem}.tif" if want_labels else None,
+            out / "overlays" / f"{image.stem}.png" if overlay else None,
+        )
+        for image in images
+    ]
+
+
+def predict_files(
+    model_path: str | os.PathLike,
+    images: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    config: Config | None = None,
+    output: str = "probabilities",
+    overlay: bool = False,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> list[SlideResult]:
+    """`unetcell predict`: every image through `Predictor.predict_slide`, with a tqdm bar over
+    files and one over tiles. Every output path is checked before the model is loaded, and
+    every image is opened once to check it can be read, so a typo in the last of 50 files is
+    reported before an hour of work, not after."""
+    from tqdm.auto import tqdm
+
+    plans = output_paths(images, out, output, overlay)
+    for plan in plans:
+        for path in plan.paths():
+            check_writable(path, overwrite)
+    for plan in plans:
+        with open_slide(plan.image):
+            pass
+    predictor = load_predictor(model_path, config)
+    if predictor.note:
+        echo(predictor.note)
+    results = []
+    files = tqdm(plans, desc="files", unit="file", disable=not progress or len(plans) < 2)
+    for plan in files:
+        with open_slide(plan.image) as slide:
+            predictor._check_channels(slide)
+            count = predictor.plan(*slide.shape[:2]).count
+        with tqdm(total=count, desc=plan.image.name, unit="tile", leave=len(plans) == 1,
+                  disable=not progress) as bar:
+            result = predictor.predict_slide(
+                plan.image, plan.probabilities, plan.labels, plan.overlay,
+                overwrite=overwrite, on_batch=bar.update,
+            )
+        results.append(result)
+    return results

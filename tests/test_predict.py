@@ -1,0 +1,211 @@
+"""unetcell predict: streamed overlap-tile prediction of files, against in-memory and
+whole-image references; output naming, refusals and atomic writes."""
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+from scipy import ndimage
+
+import unetcell.predict as predict_module
+from unetcell.cli import main
+from unetcell.config import Config
+from unetcell.errors import ConfigError, DataError, OutputExistsError
+from unetcell.model import build_unet, save_model
+from unetcell.normalize import normalize
+from unetcell.predict import (
+    Predictor,
+    check_label_memory,
+    choose_tile,
+    load_predictor,
+    output_paths,
+    predict_files,
+)
+from unetcell.tiling import Geometry, whole_image_predict
+
+
+def _config(channels=1, **predict):
+    return Config().override("model", filters=4, depth=2, channels=channels).override("predict", **predict)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    config = _config()
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    save_model(build_unet(config.model), path, config)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(model_file):
+    return load_predictor(model_file)
+
+
+def _smooth_image(shape, seed=0, scale=60000, dtype=np.uint16):
+    rng = np.random.default_rng(seed)
+    image = ndimage.gaussian_filter(rng.random(shape), 3)
+    return (image / image.max() * scale).astype(dtype)
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_tile_edge_is_rounded_to_a_valid_size_and_the_user_told():
+    geometry = Geometry(depth=2)
+    assert choose_tile(100, geometry) == (100, None)  # 44 + 4k is valid at depth 2
+    tile, note = choose_tile(99, geometry)
+    assert tile == 100 and "nearest valid size, 100" in note
+    tile, note = choose_tile(10, geometry)
+    assert tile == geometry.valid_tile(4 + 2 * geometry.context, "up") and "smallest" in note
+    tile, note = choose_tile(0, Geometry(depth=4))
+    assert (tile, note) == (700, None)  # 512 output pixels kept at the paper's depth
+
+
+def test_streamed_file_equals_in_memory_and_whole_image_prediction(predictor, tmp_path):
+    image = _smooth_image((133, 97))
+    tifffile.imwrite(tmp_path / "slide.tif", image, tile=(32, 32))  # read through zarr
+    result = predictor.predict_slide(tmp_path / "slide.tif", probabilities=tmp_path / "p.tif")
+    streamed = tifffile.imread(tmp_path / "p.tif")
+    assert streamed.shape == (133, 97) and streamed.dtype == np.float32
+    assert tifffile.TiffFile(tmp_path / "p.tif").pages[0].is_tiled
+    assert result.written == [tmp_path / "p.tif"]
+
+    in_memory = predictor.probabilities(image)
+    np.testing.assert_array_equal(streamed, in_memory)
+    normalised = normalize(image[..., None], predictor.config.normalize)
+    whole = whole_image_predict(normalised, predictor.predict_fn, predictor.geometry)
+    assert np.abs(in_memory - whole).max() <= 1e-5
+    assert in_memory.std() > 1e-3  # a network whose output varies, or the test proves nothing
+
+
+def test_cli_result_does_not_depend_on_the_tile_size(model_file, tmp_path):
+    tifffile.imwrite(tmp_path / "odd.tif", _smooth_image((157, 211), seed=1))
+    small = _run("predict", model_file, tmp_path / "odd.tif", "-o", tmp_path / "a.tif", "--tile", 47)
+    assert small.exit_code == 0, small.output
+    assert "nearest valid size, 48" in small.output
+    large = _run("predict", model_file, tmp_path / "odd.tif", "-o", tmp_path / "b.tif", "--tile", 400,
+                 "--batch-size", 3)
+    assert large.exit_code == 0, large.output
+    a, b = tifffile.imread(tmp_path / "a.tif"), tifffile.imread(tmp_path / "b.tif")
+    assert a.shape == b.shape == (157, 211)
+    assert np.abs(a - b).max() <= 1e-5
+
+
+def test_labels_are_instances_of_the_stitched_probabilities(predictor, tmp_path):
+    image = _smooth_image((120, 90), seed=2)
+    tifffile.imwrite(tmp_path / "x.tif", image)
+    result = predictor.predict_slide(tmp_path / "x.tif", probabilities=tmp_path / "p.tif",
+                                     labels=tmp_path / "l.tif", overlay=tmp_path / "o.png")
+    probabilities = tifffile.imread(tmp_path / "p.tif")
+    labels = tifffile.imread(tmp_path / "l.tif")
+    assert labels.dtype == np.int32 and labels.shape == (120, 90)
+    np.testing.assert_array_equal(labels, predictor.instances(probabilities))
+    np.testing.assert_array_equal(labels, predictor.labels(image))
+    assert result.cells == labels.max()
+    assert iio.imread(tmp_path / "o.png").shape == (120, 90, 3)
+
+
+def test_overlay_of_a_large_slide_is_downsampled(predictor, tmp_path, monkeypatch):
+    monkeypatch.setattr(predict_module, "OVERLAY_EDGE", 40)
+    tifffile.imwrite(tmp_path / "x.tif", _smooth_image((150, 101), seed=3))
+    predictor.predict_slide(tmp_path / "x.tif", overlay=tmp_path / "o.png")
+    assert iio.imread(tmp_path / "o.png").shape == (38, 26, 3)  # stride 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.png", "x.tif"]
+
+
+def test_output_paths_for_one_file_and_for_folders(tmp_path):
+    one = output_paths(["s/a.tif"], tmp_path / "r.tif", "both", overlay=True)[0]
+    assert (one.probabilities, one.labels, one.overlay) == (
+        tmp_path / "r.tif", tmp_path / "r_labels.tif", tmp_path / "r_overlay.png")
+    assert output_paths(["s/a.tif"], tmp_path / "r.tif", "labels", False)[0].labels == tmp_path / "r.tif"
+    many = output_paths(["s/a.tif", "t/b.png"], tmp_path / "out", "labels", overlay=True)
+    assert [m.labels for m in many] == [tmp_path / "out" / "a.tif", tmp_path / "out" / "b.tif"]
+    assert many[1].overlay == tmp_path / "out" / "overlays" / "b.png"
+    both = output_paths(["s/a.tif", "t/b.png"], tmp_path / "out", "both", overlay=False)
+    assert both[0].probabilities == tmp_path / "out" / "probabilities" / "a.tif"
+    assert both[0].labels == tmp_path / "out" / "labels" / "a.tif"
+    with pytest.raises(ConfigError, match="same stem"):
+        output_paths(["s/a.tif", "t/a.png"], tmp_path / "out", "labels", False)
+    with pytest.raises(ConfigError, match="need an output folder"):
+        output_paths(["s/a.tif", "t/b.png"], tmp_path / "r.tif", "labels", False)
+
+
+def test_several_images_into_a_folder_from_the_command_line(model_file, tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", _smooth_image((64, 80), seed=4))
+    iio.imwrite(tmp_path / "b.png", _smooth_image((50, 40), seed=5, scale=255, dtype=np.uint8))
+    r = _run("predict", model_file, tmp_path / "a.tif", tmp_path / "b.png", "-o", tmp_path / "out",
+             "--output", "both")
+    assert r.exit_code == 0, r.output
+    assert tifffile.imread(tmp_path / "out" / "labels" / "b.tif").shape == (50, 40)
+    assert tifffile.imread(tmp_path / "out" / "probabilities" / "a.tif").shape == (64, 80)
+
+
+def test_existing_outputs_are_refused_before_any_work(model_file, tmp_path):
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", _smooth_image((40, 40), seed=6))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.tif").write_bytes(b"mine")
+    r = _run("predict", model_file, tmp_path / "a.tif", tmp_path / "b.tif", "-o", out)
+    assert r.exit_code == 1 and "--overwrite" in r.output
+    assert sorted(p.name for p in out.iterdir()) == ["b.tif"]  # a.tif was not written either
+    assert (out / "b.tif").read_bytes() == b"mine"
+    r = _run("predict", model_file, tmp_path / "a.tif", tmp_path / "b.tif", "-o", out, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert tifffile.imread(out / "b.tif").shape == (40, 40)
+
+
+def test_bad_inputs_name_the_file_and_leave_nothing(model_file, tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", _smooth_image((40, 40, 3), seed=7))
+    r = _run("predict", model_file, tmp_path / "rgb.tif", "-o", tmp_path / "o.tif")
+    assert r.exit_code == 1 and "rgb.tif" in r.output and "3 channel" in r.output
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00 not really a tiff")
+    r = _run("predict", model_file, tmp_path / "broken.tif", "-o", tmp_path / "o.tif")
+    assert r.exit_code == 1 and "broken.tif" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.tif", "rgb.tif"]
+
+
+def test_a_failure_midway_leaves_no_partial_file(predictor, tmp_path, monkeypatch):
+    tifffile.imwrite(tmp_path / "x.tif", _smooth_image((200, 60), seed=8))
+    calls = []
+
+    def failing(batch):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("out of memory, say")
+        margin = predictor.geometry.margin
+        return np.zeros((batch.shape[0], batch.shape[1] - 2 * margin, batch.shape[2] - 2 * margin),
+                        np.float32)
+
+    monkeypatch.setattr(predictor, "predict_fn", failing)
+    monkeypatch.setattr(predictor, "tile", 44)  # many small tiles, so the failure is midway
+    with pytest.raises(RuntimeError):
+        predictor.predict_slide(tmp_path / "x.tif", probabilities=tmp_path / "p.tif")
+    assert len(calls) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["x.tif"]
+
+
+def test_labels_of_a_slide_too_large_for_memory_are_refused_up_front(monkeypatch):
+    monkeypatch.setattr(predict_module, "physical_memory", lambda: 8 * 2**30)
+    check_label_memory((8192, 8192))  # 1.6 GiB: fine
+    with pytest.raises(DataError, match="--output probabilities"):
+        check_label_memory((32768, 32768), "big.tif")
+
+
+def test_multichannel_model_and_saved_settings(tmp_path):
+    config = _config(channels=2, threshold=0.6, min_size=3, tile=60)
+    save_model(build_unet(config.model), tmp_path / "m.keras", config)
+    predictor = load_predictor(tmp_path / "m.keras")
+    assert isinstance(predictor, Predictor)
+    assert (predictor.tile, predictor.config.predict.threshold) == (60, 0.6)
+    image = np.stack([_smooth_image((70, 75), seed=9), _smooth_image((70, 75), seed=10)], axis=-1)
+    probabilities = predictor.probabilities(image)
+    normalised = normalize(image, predictor.config.normalize)
+    whole = whole_image_predict(normalised, predictor.predict_fn, predictor.geometry)
+    assert np.abs(probabilities - whole).max() <= 1e-5
+    with pytest.raises(ConfigError, match="at least one image"):
+        predict_files(tmp_path / "m.keras", [], tmp_path / "x", progress=False)
+    with pytest.raises(OutputExistsError):
+        predictor.predict_slide(image, probabilities=tmp_path / "m.keras")
