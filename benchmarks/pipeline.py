@@ -4,7 +4,6 @@ it does to training (issue 4; the bar: training wall time with / without <= 1.15
     .venv/bin/python benchmarks/pipeline.py                      # (a), (b) and (c)
     .venv/bin/python benchmarks/pipeline.py --parts a b          # without the training runs
     .venv/bin/python benchmarks/pipeline.py --repeats 3          # more training pairs
-    .venv/bin/python benchmarks/pipeline.py --figure docs/augmented_tiles.png   # the README figure
 
 (a) milliseconds per tile of each transform alone (applied with p = 1, on an image, its class
     map and its weight map as the pipeline passes them) and of the whole default pipeline, for
@@ -175,60 +174,13 @@ def train_ratio(data: Path, work: Path, repeats: int) -> None:
           f"median {statistics.median(cpu_ratios):.3f}")
 
 
-# --- the figure --------------------------------------------------------------------------------
-
-def augmented_tiles_figure(path: Path, size: int = 188, seeds=(1, 2, 3, 4)) -> None:
-    """Rows: the original tile, then augmented versions. Columns: the image with the class
-    map's cell outlines, the class map (gaps carved between touching cells), the weight map."""
-    from scipy import ndimage
-    from skimage.segmentation import find_boundaries
-
-    from unetcell.figures import colormap, draw_text
-    from unetcell.io import write_png
-
-    image, classes, weights = sample_tile(size, seed=7)
-    augmenter = augment.build_augmenter(AugmentConfig(elastic_p=1.0))
-    vmax = float(weights.max())
-    scale, pad, title_h = 2, 8, 28
-    panels = []
-    for seed in (None, *seeds):
-        img, cls, wts = (image, classes, weights) if seed is None else augmenter(image, classes, weights, seed)
-        # a fixed gray scale (not a per-panel stretch), so brightness and contrast changes show
-        gray = (np.clip((img[..., 0] + 0.1) / 1.4, 0, 1) * 255).astype(np.uint8)
-        picture = np.repeat(gray[..., None], 3, axis=2)
-        outlines = find_boundaries(ndimage.label(cls)[0], mode="inner")
-        picture[outlines] = (0, 255, 120)
-        class_map = np.where(cls[..., None] > 0, np.uint8(230), np.uint8(25)).repeat(3, axis=2)
-        row = [picture, class_map, colormap(wts, vmax)]
-        panels.append([np.kron(p, np.ones((scale, scale, 1), np.uint8)) for p in row])
-    edge = size * scale
-    titles = ["image + outlines", "classes", f"weights 0-{vmax:.0f}"]
-    rows_h = len(panels) * (edge + pad) + title_h
-    label_w = 90
-    canvas = np.full((rows_h + pad, label_w + 3 * (edge + pad) + pad, 3), 255, np.uint8)
-    for j, title in enumerate(titles):
-        draw_text(canvas, title, 8, label_w + pad + j * (edge + pad), 2)
-    for i, row in enumerate(panels):
-        top = title_h + i * (edge + pad)
-        draw_text(canvas, "original" if i == 0 else f"seed {seeds[i - 1]}", top + edge // 2 - 7, 6, 2)
-        for j, panel in enumerate(row):
-            left = label_w + pad + j * (edge + pad)
-            canvas[top:top + edge, left:left + edge] = panel
-    write_png(path, canvas, overwrite=True)
-    print(f"wrote {path}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--reps", type=int, default=40, help="tiles per timing in (a)")
     parser.add_argument("--batches", type=int, default=40, help="batches per pass in (b)")
     parser.add_argument("--repeats", type=int, default=2, help="pairs of training runs in (c)")
-    parser.add_argument("--figure", type=Path, help="write the README figure here and stop")
     args = parser.parse_args()
-    if args.figure:
-        augmented_tiles_figure(args.figure)
-        return
     print(f"cores {os.cpu_count()}, OpenCV {cv2.__version__}, albumentations {A.__version__}")
     if "a" in args.parts:
         transform_table(args.reps)

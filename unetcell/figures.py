@@ -169,7 +169,7 @@ def _block_max(a: np.ndarray, step: int) -> np.ndarray:
     return padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step).max(axis=(1, 3))
 
 
-def _colour_bar(height: int, width: int, vmax: float, scale: int) -> np.ndarray:
+def colour_bar(height: int, width: int, vmax: float, scale: int) -> np.ndarray:
     """A vertical viridis bar, 0 at the bottom and vmax at the top, with five labelled ticks."""
     labels = [f"{vmax * i / 4:.3g}" for i in range(5)]
     label_width = max(text_size(t, scale)[1] for t in labels)
@@ -243,7 +243,7 @@ def targets_figure(
     margin = 6 * scale
     line_h = text_size("A", scale)[0] + 3 * scale
     title_h = 2 * line_h
-    bar = _colour_bar(panel_h, max(4 * scale, panel_w // 24), vmax, scale)
+    bar = colour_bar(panel_h, max(4 * scale, panel_w // 24), vmax, scale)
 
     fig_w = margin + sum(p.shape[1] + margin for p in panels) + bar.shape[1] + margin
     fig_h = margin + title_h + panel_h + margin
