@@ -370,6 +370,8 @@ def mirror_positions_tf(positions, n):
     positions (any shape, any integers) of a mirror-extended axis of length n."""
     import tensorflow as tf
 
+    positions = tf.convert_to_tensor(positions)
+    n = tf.cast(n, positions.dtype)  # FloorMod wants one dtype: int64 positions, int32 tf.shape
     period = tf.maximum(2 * (n - 1), 1)  # n == 1: every position maps to 0
     folded = tf.math.floormod(positions, period)
     return tf.where(folded < n, folded, period - folded)

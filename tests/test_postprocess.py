@@ -1,0 +1,139 @@
+"""From foreground probability to instances: touching cells split at the carved gap and given
+the gap back, isolated cells left at their size, specks dropped."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from unetcell.postprocess import drop_small, fill_gaps, instances
+
+EIGHT = np.ones((3, 3), bool)
+
+
+def _disc(shape, center, radius):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
+
+
+def _probability(cells, seed=0):
+    """A probability map: 0.6-1.0 on cells, 0.0-0.4 elsewhere (so 0.5 thresholds it exactly)."""
+    rng = np.random.default_rng(seed)
+    return np.where(cells, rng.uniform(0.6, 1.0, cells.shape), rng.uniform(0.0, 0.4, cells.shape)).astype(np.float32)
+
+
+def _touching_discs(shape=(56, 72)):
+    """Two overlapping discs split between their centres (instance labels 1 and 2), an isolated
+    disc (3), and the one-pixel gap the network is taught to leave: cell 1's pixels with a cell-2
+    pixel among their 8 neighbours (paper Fig. 3c)."""
+    labels = np.zeros(shape, np.int32)
+    a, b = _disc(shape, (24, 20), 11), _disc(shape, (27, 39), 11)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    nearer_a = np.hypot(yy - 24, xx - 20) < np.hypot(yy - 27, xx - 39)
+    labels[a & (nearer_a | ~b)] = 1
+    labels[b & ~(a & nearer_a)] = 2
+    labels[_disc(shape, (46, 60), 6)] = 3
+    gap = (labels == 1) & ndimage.binary_dilation(labels == 2, EIGHT)
+    return labels, gap
+
+
+def test_touching_discs_split_at_the_carved_gap_come_back_as_two_cells_with_the_gap():
+    truth, gap = _touching_discs()
+    assert gap.sum() >= 10
+    probability = _probability((truth > 0) & ~gap)
+    labels = instances(probability, threshold=0.5, min_size=10)
+
+    assert labels.dtype == np.int32 and labels.shape == truth.shape
+    assert labels.max() == 3
+    for cell in (1, 2, 3):  # each cell is one 4-connected piece that covers one true cell
+        _, pieces = ndimage.label(labels == cell)
+        assert pieces == 1
+        overlap = np.bincount(truth[labels == cell], minlength=4)
+        assert overlap.argmax() == cell and overlap[cell] >= 0.95 * (truth == cell).sum()
+    assert labels[gap].all()  # the gap is returned to the cells
+    # Off the gap (and the two pixels around it where the discs part), the labels' foreground
+    # is exactly the thresholded map: nothing else is grown or lost.
+    near_gap = ndimage.binary_dilation(gap, EIGHT, iterations=2)
+    np.testing.assert_array_equal((labels > 0)[~near_gap], (probability > 0.5)[~near_gap])
+    np.testing.assert_array_equal(labels == 3, truth == 3)  # the isolated disc, exactly
+
+
+def test_gap_pixels_go_to_the_neighbouring_cell_of_highest_probability():
+    # Two rectangles side by side with a one-pixel column between them; straight edges, so
+    # the result is exact: the column joins the more probable cell, nothing else changes.
+    probability = np.full((30, 40), 0.1, np.float32)
+    probability[5:25, 4:20] = 0.9
+    probability[5:25, 20] = 0.3  # the carved gap
+    probability[5:25, 21:36] = 0.7
+    expected = np.zeros((30, 40), np.int32)
+    expected[5:25, 4:21] = 1
+    expected[5:25, 21:36] = 2
+    np.testing.assert_array_equal(instances(probability), expected)
+    probability[5:25, 21:36] = 0.95  # now the right cell is more probable
+    expected[5:25, 20] = 2
+    np.testing.assert_array_equal(instances(probability), expected)
+
+
+def test_an_isolated_cell_is_not_grown_even_around_a_narrow_notch():
+    cell = _disc((40, 40), (20, 20), 12)
+    cell[20, 20:] = False  # a one-pixel slit into the same cell: not a gap between two cells
+    cell[19:21, 10] = False  # and a hole
+    probability = _probability(cell, seed=3)
+    labels = instances(probability, min_size=5)
+    np.testing.assert_array_equal(labels, cell.astype(np.int32))
+
+
+@pytest.mark.parametrize("width, filled", [(1, True), (2, True), (3, False)])
+def test_gaps_up_to_two_pixels_between_two_cells_are_filled_wider_ones_are_not(width, filled):
+    labels = np.zeros((12, 30), np.int32)
+    labels[2:10, 2:12] = 1
+    labels[2:10, 12 + width:24] = 2
+    probability = np.where(labels > 0, 0.9, 0.1).astype(np.float32)
+    out = fill_gaps(labels, probability)
+    gap = np.s_[2:10, 12:12 + width]
+    assert out[gap].all() == filled and (out[gap] > 0).any() == filled
+    np.testing.assert_array_equal(out[labels > 0], labels[labels > 0])  # cells keep their pixels
+    outside = np.ones(labels.shape, bool)
+    outside[2:10, 2:24] = False
+    assert not out[outside].any()  # nothing grows on the outer edges
+
+
+def test_cells_touching_only_diagonally_stay_two_cells():
+    probability = np.full((12, 12), 0.1, np.float32)
+    probability[1:6, 1:6] = 0.9
+    probability[6:11, 6:11] = 0.8
+    labels = instances(probability, min_size=4)
+    assert labels.max() == 2
+    assert (labels[1:6, 1:6] == 1).all() and (labels[6:11, 6:11] == 2).all()
+
+
+def test_specks_below_min_size_are_dropped_and_the_rest_numbered_in_raster_order():
+    probability = np.zeros((30, 30), np.float32)
+    probability[2:5, 20:25] = 0.9  # 15 pixels: a speck at min_size 16
+    probability[8:12, 3:7] = 0.9  # 16 pixels: a cell
+    probability[20:28, 10:18] = 0.9  # 64 pixels
+    probability[15, 15] = 0.9  # one pixel
+    labels = instances(probability, min_size=16)
+    expected = np.zeros((30, 30), np.int32)
+    expected[8:12, 3:7] = 1
+    expected[20:28, 10:18] = 2
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_drop_small_renumbers_consecutively():
+    labels = np.array([[0, 7, 7, 0, 3], [2, 2, 2, 0, 3], [0, 0, 5, 5, 5]], np.int32)
+    expected = np.array([[0, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 2, 2, 2]], np.int32)
+    np.testing.assert_array_equal(drop_small(labels, 3), expected)
+
+
+def test_empty_or_faint_maps_give_no_cells():
+    for probability in (np.zeros((17, 23), np.float32), np.full((17, 23), 0.5, np.float32)):
+        labels = instances(probability)
+        assert labels.shape == (17, 23) and labels.dtype == np.int32 and not labels.any()
+    specks = np.zeros((17, 23), np.float32)
+    specks[3, 3] = specks[10, 10:12] = 1.0
+    assert not instances(specks, min_size=3).any()
+
+
+def test_a_probability_map_must_be_two_dimensional():
+    with pytest.raises(ValueError, match="H x W"):
+        instances(np.zeros((4, 5, 2), np.float32))
