@@ -1,0 +1,187 @@
+"""What overlap-tile prediction costs beyond the network, which tile to use, and its memory.
+
+    .venv/bin/python benchmarks/predict.py                   # (a), (b) and (c)
+    .venv/bin/python benchmarks/predict.py --parts c --sizes 2048 8192 16384
+
+(a) Overhead: `unetcell predict`'s path on a 2048^2 16-bit TIFF (lazy row reads, percentiles,
+    normalisation, mirroring, cutting tiles, stitching, the tiled TIFF written through a
+    temporary file) against the network's forward pass alone on the same tiles, cut before the
+    clock starts; the figure is the throughput of predict over that of the forward pass
+    (bar >= 0.9). Runs alternate, best of --repeats.
+(b) Output megapixels per second against the tile edge on a 2048^2 slide: valid convolutions
+    recompute the margin of every tile (184 px at depth 4), so larger tiles waste less, until
+    the activations leave the caches. The memory of a batch of tiles is printed beside it.
+(c) Peak RSS of `unetcell predict` (a fresh process each, measured with wait4) on striped
+    16-bit TIFF slides of 2048^2, 8192^2 and 16384^2; the bar is 8192^2 <= 1.3 x 2048^2.
+
+The network of (a) and (b) is the paper's U-Net (depth 4) at 16 filters, the CPU size the README
+recommends; (c) uses 4 filters so the largest slide finishes in minutes on 2 cores: memory is
+set by the band of tiles and the TensorFlow runtime, not by the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tifffile  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from unetcell.config import Config  # noqa: E402
+from unetcell.model import build_unet, save_model  # noqa: E402
+from unetcell.normalize import apply_normalization, percentiles  # noqa: E402
+from unetcell.predict import load_predictor  # noqa: E402
+from unetcell.slides import open_slide  # noqa: E402
+from unetcell.tiling import mirror_indices  # noqa: E402
+
+TILES = (252, 380, 508, 700, 892, 1084, 1276)
+TILE_SLIDE = 2048  # large enough that every tile of TILES is used whole
+
+
+def write_slide(path: Path, size: int, seed: int = 0) -> Path:
+    """A smooth 16-bit striped TIFF of size x size, written in strips of 1024^2 blocks so that
+    even 16384^2 is made in little memory."""
+    rng = np.random.default_rng(seed)
+    block = (ndimage.gaussian_filter(rng.random((1024, 1024)), 3) * 65535).astype(np.uint16)
+    reps = max(size // 1024, 1)
+    rows = np.tile(block[: min(size, 1024), : min(size, 1024)], (1, reps))
+
+    def strips():
+        for _ in range(reps):
+            yield rows
+
+    with tifffile.TiffWriter(path, bigtiff=size * size * 2 > 2**31) as tif:
+        tif.write(strips(), shape=(rows.shape[0] * reps, rows.shape[1]), dtype=np.uint16,
+                  rowsperstrip=64, photometric="minisblack")
+    return path
+
+
+def model_file(folder: Path, filters: int, depth: int = 4) -> Path:
+    config = Config().override("model", filters=filters, depth=depth, channels=1)
+    path = folder / f"unet-f{filters}-d{depth}.keras"
+    if not path.exists():
+        save_model(build_unet(config.model), path, config)
+    return path
+
+
+def cut_tiles(predictor, slide_path: Path) -> list[np.ndarray]:
+    """Every batch of tiles of the slide's plan, cut in memory (the forward pass's input)."""
+    with open_slide(slide_path) as slide:
+        image = slide.rows(0, slide.shape[0])
+        low, high = percentiles(slide, predictor.config.normalize)
+    image = apply_normalization(image, low, high)
+    plan = predictor.plan(*image.shape[:2])
+    rows = mirror_indices(*plan.rows.span, image.shape[0])
+    cols = mirror_indices(*plan.cols.span, image.shape[1])
+    padded = image[rows][:, cols]
+    tiles = [
+        padded[ky * plan.rows.stride: ky * plan.rows.stride + plan.rows.tile,
+               kx * plan.cols.stride: kx * plan.cols.stride + plan.cols.tile]
+        for ky in range(plan.rows.count) for kx in range(plan.cols.count)
+    ]
+    b = predictor.batch_size
+    return [np.stack(tiles[i:i + b]) for i in range(0, len(tiles), b)]
+
+
+def overhead(folder: Path, repeats: int) -> None:
+    slide = write_slide(folder / "s2048.tif", 2048)
+    predictor = load_predictor(model_file(folder, 16))
+    batches = cut_tiles(predictor, slide)
+    predictor.predict_fn(batches[0])  # trace once
+    forward, full = [], []
+    for r in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            predictor.predict_fn(batch)
+        forward.append(time.perf_counter() - start)
+        out = folder / f"p{r}.tif"
+        start = time.perf_counter()
+        predictor.predict_slide(slide, probabilities=out, overwrite=True)
+        full.append(time.perf_counter() - start)
+    tiles = sum(len(b) for b in batches)
+    mpx = 2048 * 2048 / 1e6
+    print(f"(a) 2048^2, tile {predictor.tile}, {tiles} tiles, batch {predictor.batch_size}, 16 filters, depth 4")
+    print(f"    forward pass alone {min(forward):.2f} s ({mpx / min(forward):.2f} Mpx/s); "
+          f"predict file to file {min(full):.2f} s ({mpx / min(full):.2f} Mpx/s)")
+    print(f"    throughput predict / forward pass: {min(forward) / min(full):.3f} (bar >= 0.9)")
+
+
+def tile_sizes(folder: Path, repeats: int) -> None:
+    n = TILE_SLIDE
+    slide = write_slide(folder / f"s{n}.tif", n)
+    path = model_file(folder, 16)
+    print(f"(b) output Mpx/s against the tile edge, {n}^2 slide, 16 filters, depth 4, batch 4")
+    print("    (a requested tile is shrunk to the smallest window whose stride still covers the slide)")
+    print(f"    {'tile':>5} {'kept':>5} {'tiles':>5} {'Mpx/s':>7} {'input px / output px':>21} {'batch MiB':>9}")
+    for tile in TILES:
+        config = Config().override("model", filters=16, depth=4, channels=1).override("predict", tile=tile)
+        predictor = load_predictor(path, config)
+        predictor.probabilities(np.zeros((64, 64, 1), np.uint16))  # trace
+        with open_slide(slide) as s:
+            image = s.rows(0, s.shape[0])
+        best = np.inf
+        for _ in range(min(repeats, 2)):
+            start = time.perf_counter()
+            predictor.probabilities(image)
+            best = min(best, time.perf_counter() - start)
+        plan = predictor.plan(n, n)
+        waste = plan.count * plan.tile_shape[0] * plan.tile_shape[1] / n**2
+        # The largest activation of a batch: the first level's 16-filter float32 maps.
+        batch_mib = 4 * plan.tile_shape[0] * plan.tile_shape[1] * 16 * 4 / 2**20
+        print(f"    {plan.rows.tile:>5} {plan.rows.stride:>5} {plan.count:>5} {n**2 / 1e6 / best:>7.2f} "
+              f"{waste:>21.2f} {batch_mib:>9.0f}")
+
+
+def peak_rss(folder: Path, sizes: list[int]) -> None:
+    model = model_file(folder, 4)
+    cli = Path(sys.executable).with_name("unetcell")
+    peaks = {}
+    for size in sizes:
+        slide = write_slide(folder / f"r{size}.tif", size)
+        out = folder / f"o{size}.tif"
+        start = time.perf_counter()
+        process = subprocess.Popen([str(cli), "predict", str(model), str(slide), "-o", str(out), "--overwrite"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        if status != 0:
+            sys.exit(f"predict {size}^2 failed: {process.stderr.read().decode()[-500:]}")
+        peaks[size] = usage.ru_maxrss / 1024  # kB on Linux
+        shape = tifffile.TiffFile(out).pages[0].shape
+        print(f"(c) {size:>5}^2 16-bit striped TIFF ({slide.stat().st_size / 2**20:.0f} MiB): peak RSS "
+              f"{peaks[size]:.0f} MiB, {seconds:.0f} s, output {shape[0]} x {shape[1]}")
+        slide.unlink()
+        out.unlink()
+    base = min(sizes)
+    for size in sizes:
+        if size != base:
+            print(f"    peak RSS {size}^2 / {base}^2: {peaks[size] / peaks[base]:.2f}"
+                  + (" (bar <= 1.3)" if size == 8192 and base == 2048 else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[2048, 8192, 16384])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="unetcell-bench-") as tmp:
+        folder = Path(tmp)
+        if "a" in args.parts:
+            overhead(folder, args.repeats)
+        if "b" in args.parts:
+            tile_sizes(folder, args.repeats)
+        if "c" in args.parts:
+            peak_rss(folder, args.sizes)
+
+
+if __name__ == "__main__":
+    main()
