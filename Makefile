@@ -32,7 +32,7 @@ bench: install
 
 lint: install
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check unetcell tests benchmarks
+	$(BIN)/ruff check unetcell tests benchmarks docs
 
 clean:
 	rm -rf runs .pytest_cache

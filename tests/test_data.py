@@ -6,8 +6,13 @@ import tifffile
 
 from unetcell.config import Config
 from unetcell.data import (
-    TileGeometry, compute_targets, discover_pairs, load_examples, split_examples,
-    training_dataset, validation_tiles,
+    TileGeometry,
+    compute_targets,
+    discover_pairs,
+    load_examples,
+    split_examples,
+    training_dataset,
+    validation_tiles,
 )
 from unetcell.errors import DataError
 

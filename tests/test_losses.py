@@ -1,7 +1,7 @@
 """The weighted cross-entropy of paper eq. 1."""
 
-import numpy as np
 import keras
+import numpy as np
 
 from unetcell.losses import WeightedCrossEntropy, foreground_counts, pack_targets
 

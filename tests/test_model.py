@@ -1,13 +1,18 @@
 """The U-Net's size arithmetic checked against the built model, and the paper's network."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 from unetcell.config import Config, ModelConfig
 from unetcell.errors import ConfigError
 from unetcell.model import (
-    build_unet, is_valid_input_size, load_model, margin, output_size, save_model,
+    build_unet,
+    is_valid_input_size,
+    load_model,
+    margin,
+    output_size,
+    save_model,
     valid_input_size,
 )
 
@@ -72,7 +77,8 @@ def _paper_parameter_count(filters=64, depth=4, channels=1, classes=2):
 
 def test_paper_model_has_23_convolutions_and_the_expected_parameters():
     model = build_unet()
-    convs = [l for l in model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
+    convs = [layer for layer in model.layers
+             if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
     assert len(convs) == 23
     assert model.count_params() == _paper_parameter_count() == 31_030_658
 

@@ -38,14 +38,17 @@ def _as_yxc(array, axes):
 TIFFS = {
     "uncompressed_contiguous": ((37, 53), np.uint8, {}, "YX", True),
     "striped_zlib": ((37, 53), np.uint8, {"compression": "zlib", "rowsperstrip": 5}, "YX", False),
-    "zlib_predictor_16bit": ((131, 97), np.uint16, {"compression": "zlib", "predictor": True, "rowsperstrip": 8}, "YX", False),
+    "zlib_predictor_16bit": (
+        (131, 97), np.uint16, {"compression": "zlib", "predictor": True, "rowsperstrip": 8}, "YX", False),
     "tiled": ((131, 97), np.uint16, {"tile": (32, 48)}, "YX", False),
     "bigtiff": ((37, 53), np.float32, {"bigtiff": True}, "YX", True),
-    "bigtiff_tiled_zlib": ((70, 53), np.float32, {"bigtiff": True, "tile": (16, 16), "compression": "zlib"}, "YX", False),
+    "bigtiff_tiled_zlib": (
+        (70, 53), np.float32, {"bigtiff": True, "tile": (16, 16), "compression": "zlib"}, "YX", False),
     "float32_striped": ((37, 53), np.float32, {"compression": "zlib", "rowsperstrip": 7}, "YX", False),
     "uint16_big_endian": ((37, 53), np.uint16, {"byteorder": ">"}, "YX", True),
     "rgb_contig": ((37, 53, 3), np.uint8, {"photometric": "rgb"}, "YXS", True),
-    "rgb_contig_zlib": ((37, 53, 3), np.uint8, {"photometric": "rgb", "compression": "zlib", "rowsperstrip": 3}, "YXS", False),
+    "rgb_contig_zlib": (
+        (37, 53, 3), np.uint8, {"photometric": "rgb", "compression": "zlib", "rowsperstrip": 3}, "YXS", False),
     "rgb_tiled": ((37, 53, 3), np.uint8, {"photometric": "rgb", "tile": (16, 16)}, "YXS", False),
     "planar_rgb": ((3, 37, 53), np.uint8, {"photometric": "rgb", "planarconfig": "separate"}, "SYX", True),
     "planar_rgb_zlib_16bit": ((3, 37, 53), np.uint16, {"photometric": "rgb", "planarconfig": "separate",

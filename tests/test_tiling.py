@@ -208,7 +208,8 @@ def test_whole_image_pass_is_the_network_on_the_mirrored_image():
     ctx = geometry.context  # 20: the image is larger than the context here, so np.pad can do it
     padded = np.pad(image, ((ctx, ctx), (ctx, ctx), (0, 0)), mode="reflect")
     assert is_valid_input_size(24 + 2 * ctx, 2) and is_valid_input_size(28 + 2 * ctx, 2)
-    np.testing.assert_allclose(whole_image_predict(image, predict_fn, geometry), predict_fn(padded[None])[0], atol=1e-12)
+    np.testing.assert_allclose(
+        whole_image_predict(image, predict_fn, geometry), predict_fn(padded[None])[0], atol=1e-12)
 
 
 def test_bands_stream_from_top_to_bottom_reading_only_the_rows_they_need():
@@ -302,7 +303,9 @@ def test_tiled_prediction_equals_whole_image_pass(unet, depth, channels):
     (2, 1, "valid", "nearest"),
     (2, 2, "same", "bilinear"),
 ])
-def test_padded_or_interpolating_unets_tile_exactly_with_their_larger_context(unet, depth, channels, padding, upsampling):
+def test_padded_or_interpolating_unets_tile_exactly_with_their_larger_context(
+    unet, depth, channels, padding, upsampling
+):
     _, model_fn, geometry = unet(depth, channels, padding, upsampling)
     assert geometry.crop > 0  # these networks are tiled with more context than margin
     assert whole_image_predict(image_for((64, 64), channels), model_fn, geometry).std() > 0.02
@@ -371,7 +374,9 @@ def test_forward_fn_traces_once_for_every_tile_shape(unet):
     (3, 3, "transpose", "classes"),
     (2, 1, "bilinear", "foreground"),
 ])
-def test_tiled_forward_in_a_tf_function_equals_predict_tiled_without_retracing(unet, depth, channels, upsampling, output):
+def test_tiled_forward_in_a_tf_function_equals_predict_tiled_without_retracing(
+    unet, depth, channels, upsampling, output
+):
     model, _, geometry = unet(depth, channels, "valid", upsampling)
     model_fn = forward_fn(model, output=output)
     tile = smallest_tile(geometry) + 2 * geometry.grid

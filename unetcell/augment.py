@@ -21,7 +21,8 @@ from __future__ import annotations
 import functools
 import random
 import threading
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import albumentations as A
 import cv2

@@ -116,7 +116,8 @@ def train(data, run_dir, config_path, epochs, steps_per_epoch, batch_size, tile,
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output TIFF, or a folder for several images.")
 @click.option("--tile", type=int, help="Input tile edge (rounded to the nearest valid size).")
 @click.option("--batch-size", type=int, help="Tiles per forward pass.")
-@click.option("--output", type=click.Choice(["probabilities", "labels", "both"]), default="probabilities", show_default=True)
+@click.option("--output", type=click.Choice(["probabilities", "labels", "both"]), default="probabilities",
+              show_default=True, help="Foreground probabilities, instance labels, or both.")
 @click.option("--threshold", type=float, help="Foreground probability for labels.")
 @click.option("--overlay", is_flag=True, help="Also write an overlay PNG of predicted contours.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
@@ -146,9 +147,11 @@ def predict(model, images, out, tile, batch_size, output, threshold, overlay, ov
 @main.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), help="Predict DATA's images with this model.")
-@click.option("--predictions", type=click.Path(exists=True, file_okay=False), help="Folder of label images matched by stem.")
+@click.option("--predictions", type=click.Path(exists=True, file_okay=False),
+              help="Folder of label images matched by stem.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the metrics as JSON.")
-@click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False), help="Write a PNG per image of true and predicted contours.")
+@click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False),
+              help="Write a PNG per image of true and predicted contours.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 def evaluate(data, model, predictions, json_path, overlay_dir, overwrite):
     """Score predictions of DATA's images against DATA's masks.

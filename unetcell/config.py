@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import tomli_w
+import tomllib
 
 from .errors import ConfigError
 from .files import write_text_atomic
@@ -183,7 +184,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
 
-    def override(self, section: str, **values: Any) -> "Config":
+    def override(self, section: str, **values: Any) -> Config:
         """A copy with `values` set in `section`; None values (CLI options not given) are
         skipped, so the TOML file's settings survive unless the user overrides them."""
         values = {k: v for k, v in values.items() if v is not None}

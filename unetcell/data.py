@@ -38,7 +38,7 @@ class Example:
     weights: np.ndarray  # float32 H x W, the weight map of paper eq. 2
     labels: np.ndarray  # int32 H x W instance labels
 
-    def region(self, rows: slice, cols: slice, name: str) -> "Example":
+    def region(self, rows: slice, cols: slice, name: str) -> Example:
         return Example(name, self.image[rows, cols], self.classes[rows, cols],
                        self.weights[rows, cols], self.labels[rows, cols])
 
@@ -174,7 +174,7 @@ class TileGeometry:
         return (self.input - self.output) // 2
 
     @classmethod
-    def for_config(cls, config: Config) -> "TileGeometry":
+    def for_config(cls, config: Config) -> TileGeometry:
         m = config.model
         size = valid_input_size(config.train.tile, m.depth, m.padding)
         return cls(size, output_size(size, m.depth, m.padding))
@@ -276,8 +276,9 @@ def validation_tiles(examples: list[Example], config: Config) -> tuple[np.ndarra
             tops = [-((geometry.output - h) // 2)]
         if w < geometry.output:
             lefts = [-((geometry.output - w) // 2)]
-        origins = [(t, l) for t in tops for l in lefts]
-        keep = np.unique(np.linspace(0, len(origins) - 1, min(len(origins), config.train.val_tiles)).round().astype(int))
+        origins = [(top, left) for top in tops for left in lefts]
+        spread = np.linspace(0, len(origins) - 1, min(len(origins), config.train.val_tiles))
+        keep = np.unique(spread.round().astype(int))
         for k in keep:
             image, classes, weights = cut_tile(example, *origins[k], geometry)
             images.append(image)

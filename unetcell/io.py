@@ -7,8 +7,8 @@ Images come back as H x W x C arrays in their stored dtype (normalisation is a s
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import imageio.v3 as iio
 import numpy as np
@@ -21,11 +21,30 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp")
 
 # tifffile axis codes that carry colour or channels; every other non-spatial axis must be 1.
-_CHANNEL_AXES = "CS"
+CHANNEL_AXES = "CS"
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def kept_axes(path: Path, axes: str, shape: tuple[int, ...]) -> list[str]:
+    """The axes of a TIFF series kept as Y, X and at most one channel axis (C or S), in stored
+    order; any other axis must have size 1. Shared by `read_image` and the lazy slides."""
+    keep = []
+    for axis, size in zip(axes, shape):
+        if axis in "YX" or axis in CHANNEL_AXES:
+            keep.append(axis)
+        elif size != 1:
+            raise DataError(
+                f"{path}: has axes {axes} with shape {tuple(shape)}; unetcell segments 2D images, "
+                f"so axis {axis} (size {size}) must be split into separate files"
+            )
+    if sum(a in CHANNEL_AXES for a in keep) > 1:
+        raise DataError(f"{path}: has more than one channel axis ({axes})")
+    if "Y" not in keep or "X" not in keep:
+        raise DataError(f"{path}: has axes {axes}; expected an image with Y and X axes")
+    return keep
 
 
 def _tiff_as_yxc(path: Path) -> np.ndarray:
@@ -33,21 +52,9 @@ def _tiff_as_yxc(path: Path) -> np.ndarray:
         series = tif.series[0]
         axes = series.axes
         data = series.asarray()
-    keep = []
-    for axis, size in zip(axes, data.shape):
-        if axis in "YX" or axis in _CHANNEL_AXES:
-            keep.append(axis)
-        elif size != 1:
-            raise DataError(
-                f"{path}: has axes {axes} with shape {data.shape}; unetcell segments 2D images, "
-                f"so axis {axis} (size {size}) must be split into separate files"
-            )
+    keep = kept_axes(path, axes, data.shape)
     data = data.reshape([s for a, s in zip(axes, data.shape) if a in keep])
-    channel_axes = [i for i, a in enumerate(keep) if a in _CHANNEL_AXES]
-    if len(channel_axes) > 1:
-        raise DataError(f"{path}: has more than one channel axis ({axes})")
-    if "Y" not in keep or "X" not in keep:
-        raise DataError(f"{path}: has axes {axes}; expected an image with Y and X axes")
+    channel_axes = [i for i, a in enumerate(keep) if a in CHANNEL_AXES]
     order = [keep.index("Y"), keep.index("X")] + channel_axes
     data = np.transpose(data, order)
     return data if data.ndim == 3 else data[..., None]

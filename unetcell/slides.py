@@ -21,17 +21,16 @@ through a temporary file renamed at the end; BigTIFF when the data needs it (> 2
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import tifffile
 
 from .errors import DataError
 from .files import atomic_path, check_writable
-from .io import TIFF_SUFFIXES, read_image
+from .io import CHANNEL_AXES, TIFF_SUFFIXES, kept_axes, read_image
 
-_CHANNEL_AXES = "CS"  # as unetcell.io: tifffile's axis codes for channels and samples
 _BAND_ROWS = 256  # rows per read when a sample of the slide is gathered
 
 
@@ -82,7 +81,7 @@ class Slide:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,13 +127,13 @@ class _TiffSlide(Slide):
             self._tif = tifffile.TiffFile(path)
             series = self._tif.series[0]
             axes, shape = series.axes, tuple(series.shape)
-            keep = _layout(path, axes, shape)
+            keep = kept_axes(path, axes, shape)
             self._axes, self._stored_shape = axes, shape
             self._y = axes.index("Y")
             # Stored axes -> Y, X, channel: the transpose that read_image applies.
             kept = [a for a in axes if a in keep]
             self._squeezed = [s for a, s in zip(axes, shape) if a in keep]
-            channel = [i for i, a in enumerate(kept) if a in _CHANNEL_AXES]
+            channel = [i for i, a in enumerate(kept) if a in CHANNEL_AXES]
             self._order = [kept.index("Y"), kept.index("X")] + channel
             height, width = shape[axes.index("Y")], shape[axes.index("X")]
             channels = shape[axes.index(kept[channel[0]])] if channel else 1
@@ -172,8 +171,8 @@ class _TiffSlide(Slide):
 
     @property
     def _squeezed_y(self) -> int:
-        kept_axes = [a for a in self._axes if a in "YX" or a in _CHANNEL_AXES]
-        return kept_axes.index("Y")
+        kept = [a for a in self._axes if a in "YX" or a in CHANNEL_AXES]
+        return kept.index("Y")
 
     def _read_plain(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of every plane before the Y axis, by positioned reads."""
@@ -229,24 +228,6 @@ class _TiffSlide(Slide):
         if self._tif is not None:
             self._tif.close()
             self._tif = None
-
-
-def _layout(path: Path, axes: str, shape: tuple[int, ...]) -> list[str]:
-    """The axes kept as Y, X and channels; the rules of unetcell.io.read_image."""
-    keep = []
-    for axis, size in zip(axes, shape):
-        if axis in "YX" or axis in _CHANNEL_AXES:
-            keep.append(axis)
-        elif size != 1:
-            raise DataError(
-                f"{path}: has axes {axes} with shape {shape}; unetcell segments 2D images, "
-                f"so axis {axis} (size {size}) must be split into separate files"
-            )
-    if sum(a in _CHANNEL_AXES for a in keep) > 1:
-        raise DataError(f"{path}: has more than one channel axis ({axes})")
-    if "Y" not in keep or "X" not in keep:
-        raise DataError(f"{path}: has axes {axes}; expected an image with Y and X axes")
-    return keep
 
 
 def open_slide(path: str | os.PathLike) -> Slide:

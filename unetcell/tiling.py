@@ -33,8 +33,8 @@ TensorFlow ops, for a serving graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -89,12 +89,12 @@ class Geometry:
         return valid_input_size(size, self.depth, self.padding, rounding)
 
     @classmethod
-    def of_config(cls, config) -> "Geometry":
+    def of_config(cls, config) -> Geometry:
         """From a `unetcell.config.ModelConfig`."""
         return cls(config.depth, config.padding, config.upsampling)
 
     @classmethod
-    def of_model(cls, model) -> "Geometry":
+    def of_model(cls, model) -> Geometry:
         """From a built U-Net's layers (the number of 2x2 poolings, the first convolution's
         padding, the up-sampling layers), so a model is never tiled by a config's word."""
         import keras
@@ -196,7 +196,8 @@ def _axis_plan(size: int, tile: int, geometry: Geometry, balance: bool) -> AxisP
     if balance:
         # As few tiles as `tile` allows, each shrunk to the smallest window whose stride still
         # covers the axis: an image barely larger than one tile does not pay for two full ones.
-        stride = -(-(-(-size // count)) // grid) * grid
+        per_tile = -(-size // count)  # ceil: the pixels each tile must keep
+        stride = -(-per_tile // grid) * grid  # ... rounded up to the pooling grid
         window = geometry.valid_tile(stride + 2 * geometry.context, "up")
     else:
         stride, window = largest, tile

@@ -31,7 +31,11 @@ import tensorflow as tf
 from . import augment
 from .config import Config, save_config
 from .data import (
-    TileGeometry, discover_pairs, load_examples, split_examples, training_dataset,
+    TileGeometry,
+    discover_pairs,
+    load_examples,
+    split_examples,
+    training_dataset,
     validation_dataset,
 )
 from .errors import OutputExistsError, UnetcellError
