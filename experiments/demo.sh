@@ -13,6 +13,8 @@ $UNETCELL evaluate $OUT/test --model $OUT/run/model.keras --json $OUT/metrics.js
     --overlay $OUT/evaluation --overwrite
 echo
 echo "demo finished in $(( $(date +%s) - start )) s"
-echo "  training history: $OUT/run/history.csv (last row: $(tail -1 $OUT/run/history.csv))"
+echo "  last epoch:       $(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) name[i] = $i }
+    END { for (i = 2; i <= NF; i++) printf "%s %.4f  ", name[i], $i }' $OUT/run/history.csv)"
+echo "  training history: $OUT/run/history.csv"
 echo "  overlays:         $OUT/predicted/ and $OUT/evaluation/"
 echo "  metrics:          $OUT/metrics.json"
