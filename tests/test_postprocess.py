@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from unetcell.postprocess import drop_small, fill_gaps, instances
+from unetcell.postprocess import drop_small, fill_gaps, fill_holes, instances
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -73,13 +73,34 @@ def test_gap_pixels_go_to_the_neighbouring_cell_of_highest_probability():
     np.testing.assert_array_equal(instances(probability), expected)
 
 
-def test_an_isolated_cell_is_not_grown_even_around_a_narrow_notch():
+def test_an_isolated_cell_is_not_grown_around_a_notch_but_its_hole_is_filled():
     cell = _disc((40, 40), (20, 20), 12)
     cell[20, 20:] = False  # a one-pixel slit into the same cell: not a gap between two cells
-    cell[19:21, 10] = False  # and a hole
+    whole = cell.copy()
+    cell[19:21, 10] = False  # and a hole: a dark interior, part of the cell
     probability = _probability(cell, seed=3)
     labels = instances(probability, min_size=5)
-    np.testing.assert_array_equal(labels, cell.astype(np.int32))
+    np.testing.assert_array_equal(labels, whole.astype(np.int32))
+
+
+def test_holes_enclosed_by_one_cell_are_filled_and_nothing_else():
+    labels = np.zeros((30, 40), np.int32)
+    labels[2:14, 2:14] = 1
+    labels[5:8, 5:8] = 0  # a hole in cell 1
+    labels[2:14, 16:28] = 2
+    labels[2:14, 14:16] = 3  # cells touching each other leave no hole between them
+    labels[20:30, 2:12] = 4
+    labels[24:30, 5:8] = 0  # a bay of cell 4 open to the image border: not a hole
+    labels[16:26, 20:34] = 5
+    labels[16:26, 34:38] = 6
+    labels[19:23, 30:34] = 0  # background enclosed by cells 5 and 6 together: not a hole
+    labels[19:23, 34:36] = 0
+    filled = fill_holes(labels)
+    expected = labels.copy()
+    expected[5:8, 5:8] = 1
+    np.testing.assert_array_equal(filled, expected)
+    assert filled.dtype == labels.dtype
+    np.testing.assert_array_equal(fill_holes(np.zeros((5, 5), np.int32)), 0)
 
 
 @pytest.mark.parametrize("width, filled", [(1, True), (2, True), (3, False)])

@@ -6,7 +6,8 @@ the thresholded foreground. Three steps:
 
 1. threshold the foreground probability and label the 4-connected components (4-connectivity,
    so that a one-pixel diagonal gap still separates two cells);
-2. drop components smaller than `min_size` pixels (specks);
+2. drop components smaller than `min_size` pixels (specks), and fill holes: background
+   enclosed by one cell (a dark nucleolus, texture below the threshold) joins that cell;
 3. give the gap back: the carved gap exists only where cells touch, so a background pixel is
    returned to a cell only when it lies in a gap of at most two pixels between two different
    cells (it touches one cell and, once both sides have grown by one pixel, the other). Each
@@ -37,7 +38,34 @@ def instances(probability: np.ndarray, threshold: float = 0.5, min_size: int = 1
     if count == 0:
         return labels
     labels = drop_small(labels, min_size)
-    return fill_gaps(labels, probability)
+    return fill_gaps(fill_holes(labels), probability)
+
+
+def fill_holes(labels: np.ndarray) -> np.ndarray:
+    """Give every hole to the cell around it: a background region (8-connected, the
+    complement of 4-connected cells) that does not reach the image border and touches exactly
+    one cell. A dark nucleolus or a textured interior below the threshold is part of its
+    cell; background enclosed by several cells (a ring of a cluster, a gap) stays background."""
+    background = labels == 0
+    regions, count = ndimage.label(background, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return labels
+    # The largest and smallest cell id next to each background pixel (4-neighbours).
+    beyond = np.iinfo(np.int32).max
+    highest = ndimage.grey_dilation(labels, footprint=_FOUR, mode="constant", cval=0)
+    lowest = ndimage.grey_erosion(np.where(background, beyond, labels), footprint=_FOUR,
+                                  mode="constant", cval=beyond)
+    index = np.arange(1, count + 1)
+    region_high = ndimage.maximum(highest, regions, index)
+    region_low = ndimage.minimum(lowest, regions, index)
+    edge = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
+    hole = (region_high == region_low) & (region_high > 0)
+    hole[edge[edge > 0] - 1] = False
+    owner = np.zeros(count + 1, labels.dtype)
+    owner[1:][hole] = np.asarray(region_high, labels.dtype)[hole]
+    filled = labels.copy()
+    filled[background] = owner[regions[background]]
+    return filled
 
 
 def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
