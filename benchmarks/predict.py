@@ -40,7 +40,7 @@ from unetcell.model import build_unet, save_model  # noqa: E402
 from unetcell.normalize import apply_normalization, percentiles  # noqa: E402
 from unetcell.predict import load_predictor  # noqa: E402
 from unetcell.slides import open_slide  # noqa: E402
-from unetcell.tiling import mirror_indices  # noqa: E402
+from unetcell.tiling import predict_tiled_bands  # noqa: E402
 
 TILES = (252, 380, 508, 700, 892, 1084, 1276)
 TILE_SLIDE = 2048  # large enough that every tile of TILES is used whole
@@ -73,22 +73,23 @@ def model_file(folder: Path, filters: int, depth: int = 4) -> Path:
 
 
 def cut_tiles(predictor, slide_path: Path) -> list[np.ndarray]:
-    """Every batch of tiles of the slide's plan, cut in memory (the forward pass's input)."""
+    """Every batch of tiles that predict feeds the network for the slide, recorded by running
+    the tiled pass with a stand-in network (the forward pass's input, cut in memory)."""
+    batches = []
+    margin = predictor.geometry.margin
+
+    def record(batch: np.ndarray) -> np.ndarray:
+        batches.append(batch)
+        return np.zeros((len(batch), batch.shape[1] - 2 * margin, batch.shape[2] - 2 * margin), np.float32)
+
     with open_slide(slide_path) as slide:
-        image = slide.rows(0, slide.shape[0])
         low, high = percentiles(slide, predictor.config.normalize)
-    image = apply_normalization(image, low, high)
-    plan = predictor.plan(*image.shape[:2])
-    rows = mirror_indices(*plan.rows.span, image.shape[0])
-    cols = mirror_indices(*plan.cols.span, image.shape[1])
-    padded = image[rows][:, cols]
-    tiles = [
-        padded[ky * plan.rows.stride: ky * plan.rows.stride + plan.rows.tile,
-               kx * plan.cols.stride: kx * plan.cols.stride + plan.cols.tile]
-        for ky in range(plan.rows.count) for kx in range(plan.cols.count)
-    ]
-    b = predictor.batch_size
-    return [np.stack(tiles[i:i + b]) for i in range(0, len(tiles), b)]
+        plan = predictor.plan(*slide.shape[:2])
+        bands = predict_tiled_bands(lambda a, b: apply_normalization(slide.rows(a, b), low, high),
+                                    plan, record, predictor.batch_size)
+        for _ in bands:
+            pass
+    return batches
 
 
 def overhead(folder: Path, repeats: int) -> None:

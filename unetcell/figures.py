@@ -18,7 +18,7 @@ from .config import TargetsConfig
 from .errors import DataError
 from .files import check_writable
 from .io import read_image, read_mask, write_png
-from .overlay import to_display
+from .overlay import display_stride, to_display
 from .targets import as_instances, carve_gaps, weight_map
 
 # viridis at 0, 1/8, ..., 1 (matplotlib's values, rounded): perceptually uniform, readable in
@@ -220,7 +220,7 @@ def targets_figure(
     vmax = float(weights.max()) if weights.size else 0.0
 
     height, width = labels.shape
-    step = max(1, -(-max(height, width) // MAX_EDGE))
+    step = display_stride(height, width, MAX_EDGE)
     zoom = max(1, -(-MIN_EDGE // max(-(-height // step), -(-width // step), 1)))
 
     def show(rgb: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 
 from .io import write_png
+from .normalize import subsample_stride
 
 TRUTH_COLOUR = (0, 255, 0)  # green
 PREDICTED_COLOUR = (255, 0, 255)  # magenta
@@ -43,7 +44,7 @@ def display_stride(height: int, width: int, max_edge: int = 2048) -> int:
 def _stretch(channel: np.ndarray) -> np.ndarray:
     """One channel contrast-stretched to 0..255 by its 1st / 99.8th percentiles."""
     channel = channel.astype(np.float32, copy=False)
-    step = max(1, int(np.ceil(np.sqrt(channel.size / _SAMPLE_PIXELS))))
+    step = subsample_stride(channel.shape[0], channel.shape[1], _SAMPLE_PIXELS)
     sample = channel[::step, ::step]
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:

@@ -31,6 +31,7 @@ from .errors import ConfigError, DataError
 from .files import check_writable
 from .io import TIFF_SUFFIXES
 from .normalize import apply_normalization, percentiles
+from .overlay import display_stride
 from .postprocess import instances
 from .slides import Slide, array_bands, as_slide, open_slide, write_tiled_tiff
 from .tiling import Geometry, TilePlan, forward_fn, predict_tiled_bands, smallest_tile, tile_plan
@@ -69,8 +70,7 @@ def choose_tile(requested: int, geometry: Geometry) -> tuple[int, str | None]:
             f"tile {requested} is too small for a depth-{geometry.depth} U-Net; "
             f"using the smallest tile that keeps any output, {smallest}"
         )
-    tile = geometry.valid_tile(requested, "nearest")
-    tile = max(tile, smallest)
+    tile = geometry.valid_tile(requested, "nearest")  # >= smallest, itself a valid size
     if tile != requested:
         return tile, (
             f"tile {requested} is not a valid input size for a depth-{geometry.depth} U-Net "
@@ -201,7 +201,7 @@ class Predictor:
                 check_label_memory((height, width), slide.path)
             plan = self.plan(height, width)
             result = SlideResult(slide.path, (height, width), plan.count, plan.tile_shape)
-            step = -(-max(height, width) // OVERLAY_EDGE)
+            step = display_stride(height, width, OVERLAY_EDGE)
             whole = np.empty((height, width), np.float32) if labels is not None else None
             small = []  # the foreground map on the overlay's stride, when no labels are made
 
@@ -351,13 +351,12 @@ def predict_files(
     results = []
     files = tqdm(plans, desc="files", unit="file", disable=not progress or len(plans) < 2)
     for plan in files:
-        with open_slide(plan.image) as slide:
-            predictor._check_channels(slide)
-            count = predictor.plan(*slide.shape[:2]).count
-        with tqdm(total=count, desc=plan.image.name, unit="tile", leave=len(plans) == 1,
-                  disable=not progress) as bar:
+        with open_slide(plan.image) as slide, tqdm(
+            total=predictor.plan(*slide.shape[:2]).count, desc=plan.image.name, unit="tile",
+            leave=len(plans) == 1, disable=not progress,
+        ) as bar:
             result = predictor.predict_slide(
-                plan.image, plan.probabilities, plan.labels, plan.overlay,
+                slide, plan.probabilities, plan.labels, plan.overlay,
                 overwrite=overwrite, on_batch=bar.update,
             )
         results.append(result)

@@ -88,6 +88,14 @@ class Geometry:
     def valid_tile(self, size: int, rounding: str = "nearest") -> int:
         return valid_input_size(size, self.depth, self.padding, rounding)
 
+    def check_tile(self, tile: int) -> None:
+        """ConfigError naming the nearest valid size when `tile` is not a valid input edge."""
+        if self.valid_tile(tile) != tile:
+            raise ConfigError(
+                f"tile {tile} is not a valid input size for depth {self.depth} with "
+                f"{self.padding} padding; nearest valid size: {self.valid_tile(tile)}"
+            )
+
     @classmethod
     def of_config(cls, config) -> Geometry:
         """From a `unetcell.config.ModelConfig`."""
@@ -216,11 +224,7 @@ def tile_plan(height: int, width: int, tile: int, geometry: Geometry, balance: b
     """
     if height < 1 or width < 1:
         raise ConfigError(f"cannot tile an empty image of {height} x {width}")
-    if geometry.valid_tile(tile) != tile:
-        raise ConfigError(
-            f"tile {tile} is not a valid input size for depth {geometry.depth} with "
-            f"{geometry.padding} padding; nearest valid size: {geometry.valid_tile(tile)}"
-        )
+    geometry.check_tile(tile)
     return TilePlan(_axis_plan(height, tile, geometry, balance), _axis_plan(width, tile, geometry, balance))
 
 
@@ -394,11 +398,7 @@ def tiled_forward(model, image, tile: int, batch_size: int = 4, output: str = "f
     import tensorflow as tf
 
     geometry = Geometry.of_model(model)
-    if geometry.valid_tile(tile) != tile:
-        raise ConfigError(
-            f"tile {tile} is not a valid input size for depth {geometry.depth} with "
-            f"{geometry.padding} padding; nearest valid size: {geometry.valid_tile(tile)}"
-        )
+    geometry.check_tile(tile)
     grid, ctx, crop = geometry.grid, geometry.context, geometry.crop
     largest = max_stride(tile, geometry)
     lattice = geometry.valid_tile(1)  # valid sizes: lattice + grid * j
