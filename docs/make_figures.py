@@ -10,7 +10,7 @@ docs/augmented_tiles.png  one training tile and a few augmented versions of it (
 
 The tile goes through the training path: percentile normalisation of the whole image, targets
 of the whole mask (so the weight map near the tile's edge sees the cells beyond it), then the
-Augmenter that training calls. Pure numpy drawing (`unetcell.figures`, `unetcell.overlay`).
+Augmenter that training calls. Drawn with matplotlib through `unetcell.figures`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from skimage.segmentation import find_boundaries
 
-from unetcell import targets
+from unetcell import figures, targets
 from unetcell.augment import AugmentFn, build_augmenter
 from unetcell.config import AugmentConfig, NormalizeConfig, TargetsConfig
 from unetcell.errors import UnetcellError
-from unetcell.figures import INK, PAPER, colormap, colour_bar, draw_text, save_targets_figure, text_size
+from unetcell.figures import save_targets_figure
 from unetcell.io import read_image, read_mask, write_png
 from unetcell.normalize import normalize
 from unetcell.overlay import TRUTH_COLOUR, to_display
@@ -38,10 +39,7 @@ STEM = "cell_001"  # clusters of touching cells: carved gaps and heavy border we
 TILE = 188  # a valid input edge of a depth-3 U-Net (100 px output), as in `--depth 3 --tile 188`
 SEEDS = (1, 2, 3, 4)
 
-# Letters at 2 x 2 pixels per font pixel: readable at the PNG's own size on GitHub.
-SCALE = 2
-MARGIN = 6 * SCALE
-LINE = text_size("A", SCALE)[0] + 3 * SCALE
+ZOOM = 2  # screen pixels per tile pixel: a 188 px tile is drawn 376 px wide, its text readable
 
 
 def load_tile(
@@ -72,8 +70,8 @@ def augmented_panels(
     image: np.ndarray, classes: np.ndarray, weights: np.ndarray, augment: AugmentFn, seeds: Sequence[int]
 ) -> tuple[list[np.ndarray], list[np.ndarray], float]:
     """For the tile and its augmented versions (one per seed, in that order): the image with
-    the contours of its class map in green, and the weight map in viridis; uint8 RGB, plus
-    the weight that is the top of the colour scale.
+    the contours of its class map in green as uint8 RGB, and the weight map; plus the heaviest
+    weight of them all, the top of their common colour scale.
 
     All images share one display stretch (`to_display` of them side by side) and all weight
     maps one colour scale, so the gray-value changes and the weights compare across panels.
@@ -85,46 +83,43 @@ def augmented_panels(
     for rgb, (_, tile_classes, _) in zip(shown, tiles):
         rgb[find_boundaries(tile_classes, mode="inner")] = TRUTH_COLOUR
         images.append(rgb)
-    return images, [colormap(t[2], vmax) for t in tiles], vmax
+    return images, [t[2] for t in tiles], vmax
 
 
-def augmented_tiles_figure(
+def augmented_tiles_plot(
     image: np.ndarray,
     classes: np.ndarray,
     weights: np.ndarray,
     augment: AugmentFn,
     seeds: Sequence[int] = SEEDS,
     targets_config: TargetsConfig = TargetsConfig(),
-) -> np.ndarray:
-    """`augmented_panels` as one uint8 RGB picture: a column per tile titled "original",
-    "seed 1", ...; the images in the top row, the weight maps below with a colour bar.
-    `targets_config` only labels the weight row with its settings."""
+) -> Figure:
+    """`augmented_panels` as one matplotlib figure: a column per tile titled "original",
+    "seed 1", ...; the images in the top row, the weight maps below with a colour bar. Tiles
+    are drawn ZOOM screen pixels per pixel. `targets_config` only labels the weight row."""
     images, weight_maps, vmax = augmented_panels(image, classes, weights, augment, seeds)
     titles = ["original"] + [f"seed {seed}" for seed in seeds]
-    row_labels = [
-        ["image,", "class", "contours"],
-        ["weights", f"w0={targets_config.w0:g}", f"sigma={targets_config.sigma:g}"],
-    ]
     tile_h, tile_w = images[0].shape[:2]
-    label_w = max(text_size(t, SCALE)[1] for lines in row_labels for t in lines)
-    bar = colour_bar(tile_h, max(4 * SCALE, tile_w // 16), vmax, SCALE)
-
-    left = MARGIN + label_w + MARGIN
-    tops = [MARGIN + LINE, MARGIN + LINE + tile_h + MARGIN]
-    width = left + len(images) * (tile_w + MARGIN) + bar.shape[1] + MARGIN
-    height = tops[1] + tile_h + MARGIN
-    fig = np.full((height, width, 3), PAPER, np.uint8)
-    for top, lines in zip(tops, row_labels):
-        for i, line in enumerate(lines):
-            draw_text(fig, line, top + i * LINE, MARGIN, SCALE, INK)
+    fig, axes, bars = figures.panel_grid(
+        2, len(images), (tile_h * ZOOM, tile_w * ZOOM), row_label_inches=1.0, colour_bar_rows=(1,)
+    )
     for k, (title, rgb, heat) in enumerate(zip(titles, images, weight_maps)):
-        x = left + k * (tile_w + MARGIN)
-        draw_text(fig, title, MARGIN, x, SCALE, INK)
-        fig[tops[0] : tops[0] + tile_h, x : x + tile_w] = rgb
-        fig[tops[1] : tops[1] + tile_h, x : x + tile_w] = heat
-    x = left + len(images) * (tile_w + MARGIN)
-    fig[tops[1] : tops[1] + tile_h, x : x + bar.shape[1]] = bar
+        axes[0][k].set_title(title, fontsize=figures.FONT_SIZE, loc="left")
+        figures.show(axes[0][k], rgb)
+        shown = figures.show(axes[1][k], heat, cmap=figures.WEIGHT_CMAP, vmin=0.0, vmax=vmax)
+    row_labels = [
+        "image,\nclass\ncontours",
+        f"weights\nw$_0$={targets_config.w0:g}\nσ={targets_config.sigma:g} px",
+    ]
+    for row, label in zip(axes, row_labels):
+        row[0].text(-0.06, 1.0, label, transform=row[0].transAxes, ha="right", va="top", fontsize=figures.FONT_SIZE)
+    figures.weight_colour_bar(shown, bars[1])
     return fig
+
+
+def augmented_tiles_figure(*args, **kwargs) -> np.ndarray:
+    """`augmented_tiles_plot` rendered to an H x W x 3 uint8 RGB array."""
+    return figures.render(augmented_tiles_plot(*args, **kwargs))
 
 
 def make_figures(out_dir: Path, overwrite: bool = False, sample: Path = SAMPLE, stem: str = STEM) -> list[Path]:

@@ -1,18 +1,27 @@
 """Pictures of what the network is taught, like the paper's Figure 3: the image, the class map
 with the gaps carved between touching cells, and the weight map of eq. 2 as a heat map.
 
-`targets_figure` draws the panels side by side with titles and a colour bar for the weights;
-`save_targets_figure` is what `unetcell targets MASK -o PNG` runs. Pure numpy: the colour map
-(viridis, from its anchor colours) and the letters (a 5 x 7 pixel font) are built here, so
-drawing needs neither matplotlib nor a font file.
+`targets_plot` draws the panels side by side with matplotlib (titles in a real font, a colour
+bar for the weights) and returns the `Figure`, for a notebook; `targets_figure` renders it to a
+uint8 RGB array and `save_targets_figure` is what `unetcell targets MASK -o PNG` runs. Figures
+are rendered by the Agg canvas directly (no pyplot, no GUI backend, no global state).
+
+Each panel is laid out to a whole number of screen pixels per image pixel, so that matplotlib's
+nearest-neighbour drawing neither drops nor smears a pixel: a one-pixel gap stays one pixel.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 from .config import TargetsConfig
 from .errors import DataError
@@ -21,145 +30,74 @@ from .io import read_image, read_mask, write_png
 from .overlay import display_stride, to_display
 from .targets import as_instances, carve_gaps, weight_map
 
-# viridis at 0, 1/8, ..., 1 (matplotlib's values, rounded): perceptually uniform, readable in
-# gray and by colour-blind readers; linear interpolation between anchors is indistinguishable.
-_VIRIDIS_ANCHORS = np.array(
-    [
-        (68, 1, 84), (71, 44, 122), (59, 82, 139), (44, 114, 142), (33, 145, 140),
-        (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37),
-    ],
-    np.float64,
-)
-VIRIDIS = np.stack(
-    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_VIRIDIS_ANCHORS)), c)
-     for c in _VIRIDIS_ANCHORS.T],
-    axis=-1,
-).round().astype(np.uint8)
-
+WEIGHT_CMAP = "viridis"  # perceptually uniform, readable in gray and by colour-blind readers
 GAP_COLOUR = (255, 255, 255)  # carved gap pixels: white between the coloured cells
-PAPER = (255, 255, 255)  # figure background
-INK = (0, 0, 0)  # text
+# Cells that touch get different colours from this palette (matplotlib's tab10 without its
+# gray, which would read as background, and without red/green pairs next to each other).
+CELL_COLOURS = tuple(
+    to_rgb(c) for c in ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:pink",
+                        "tab:olive", "tab:cyan", "tab:brown", "tab:red")
+)
 
 # Panels are scaled up by whole pixels to at least this edge (small tiles stay readable) and
 # shown on an integer stride beyond MAX_EDGE (a whole slide stays a few megapixels).
 MIN_EDGE = 384
 MAX_EDGE = 2048
+# Every panel is this wide on the page, whatever its pixel count: the resolution (dpi) follows
+# the panel, so text keeps its size relative to the pictures on a tile and on a slide.
+PANEL_INCHES = 3.2
+FONT_SIZE = 10  # points
 
 
 # --- colour ---------------------------------------------------------------------------------
 
 
-def colormap(values: np.ndarray, vmax: float, lut: np.ndarray = VIRIDIS) -> np.ndarray:
-    """`values` in 0..vmax as uint8 RGB through a 256-entry lookup table."""
-    scale = (len(lut) - 1) / vmax if vmax > 0 else 0.0
-    index = np.clip(np.rint(np.asarray(values, np.float64) * scale), 0, len(lut) - 1)
-    return lut[index.astype(np.intp)]
+def neighbour_colouring(labels: np.ndarray, reach: int = 2, colours: int = len(CELL_COLOURS)) -> np.ndarray:
+    """A colour index (1, 2, ...) per pixel of each cell, 0 on the background, such that two
+    cells at most `reach` pixels apart (touching, or across a carved gap) never share an index.
+    Greedy in label order over `colours` indices; a cell with that many neighbours or more
+    takes a further index."""
+    labels = np.asarray(labels)
+    h, w = labels.shape
+    padded = np.pad(labels, reach)
+    pairs = []
+    for dy in range(reach + 1):  # half the disc: each pair of pixels is compared once
+        for dx in range(-reach, reach + 1):
+            if (dy == 0 and dx <= 0) or dy * dy + dx * dx > reach * reach:
+                continue
+            other = padded[reach + dy : reach + dy + h, reach + dx : reach + dx + w]
+            near = (labels != other) & (labels > 0) & (other > 0)
+            pairs.append(np.stack([labels[near], other[near]]))
+    pairs = np.unique(np.concatenate(pairs, axis=1), axis=1) if pairs else np.zeros((2, 0), labels.dtype)
+    neighbours: dict[int, set[int]] = {}
+    for a, b in pairs.T.tolist():
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+    ids = np.unique(labels)
+    lut = np.zeros(int(ids.max()) + 1 if ids.size else 1, np.int32)
+    for cell in ids[ids > 0].tolist():
+        taken = {int(lut[n]) for n in neighbours.get(cell, ())}
+        # the first free index from one that varies with the id, so the picture uses the
+        # whole palette rather than mostly its first two colours
+        start = cell * 5 % colours
+        candidates = [(start + k) % colours + 1 for k in range(colours)]
+        candidates += range(colours + 1, colours + len(taken) + 2)
+        lut[cell] = next(c for c in candidates if c not in taken)
+    return lut[labels]
 
 
 def instance_colours(labels: np.ndarray) -> np.ndarray:
-    """Each cell a light colour of its own (hues spaced by the golden ratio, so neighbouring
-    ids differ strongly), background black; uint8 RGB."""
-    labels = np.asarray(labels)
-    ids = np.unique(labels)
-    hue = (ids * 0.6180339887) % 1.0
-    value, saturation = 0.95, 0.6
-    # HSV to RGB: channel n is value * (1 - saturation * clip(min(k, 4 - k), 0, 1)) with
-    # k = (n + 6 hue) mod 6, for n = 5, 3, 1 (red, green, blue).
-    k = (np.array([5, 3, 1])[None, :] + 6 * hue[:, None]) % 6
-    table = value * (1 - saturation * np.clip(np.minimum(k, 4 - k), 0, 1))
-    table = (table * 255).round().astype(np.uint8)
-    table[ids == 0] = 0
-    return table[np.searchsorted(ids, labels)]
+    """Each cell a colour from CELL_COLOURS on black, cells that touch in different colours
+    (`neighbour_colouring`); uint8 RGB. skimage's `label2rgb` cycles its colours by label id,
+    which gives neighbouring cells the same colour as often as not: told apart only by the
+    one-pixel gap, they would read as one cell at the picture's size."""
+    index = neighbour_colouring(labels)
+    repeats = int(index.max()) // len(CELL_COLOURS) + 1
+    palette = np.vstack([np.zeros((1, 3)), np.tile(np.asarray(CELL_COLOURS), (repeats, 1))])
+    return (palette[index] * 255).round().astype(np.uint8)
 
 
-# --- letters --------------------------------------------------------------------------------
-
-# A 5 x 7 pixel font: each glyph is seven rows of five pixels, '#' ink and '.' paper.
-_GLYPHS = """
-A .###. #...# #...# ##### #...# #...# #...#
-B ####. #...# #...# ####. #...# #...# ####.
-C .###. #...# #.... #.... #.... #...# .###.
-D ###.. #..#. #...# #...# #...# #..#. ###..
-E ##### #.... #.... ####. #.... #.... #####
-F ##### #.... #.... ####. #.... #.... #....
-G .###. #...# #.... #.### #...# #...# .####
-H #...# #...# #...# ##### #...# #...# #...#
-I .###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.
-J ..### ...#. ...#. ...#. ...#. #..#. .##..
-K #...# #..#. #.#.. ##... #.#.. #..#. #...#
-L #.... #.... #.... #.... #.... #.... #####
-M #...# ##.## #.#.# #.#.# #...# #...# #...#
-N #...# #...# ##..# #.#.# #..## #...# #...#
-O .###. #...# #...# #...# #...# #...# .###.
-P ####. #...# #...# ####. #.... #.... #....
-Q .###. #...# #...# #...# #.#.# #..#. .##.#
-R ####. #...# #...# ####. #.#.. #..#. #...#
-S .#### #.... #.... .###. ....# ....# ####.
-T ##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..
-U #...# #...# #...# #...# #...# #...# .###.
-V #...# #...# #...# #...# #...# .#.#. ..#..
-W #...# #...# #...# #.#.# #.#.# #.#.# .#.#.
-X #...# #...# .#.#. ..#.. .#.#. #...# #...#
-Y #...# #...# .#.#. ..#.. ..#.. ..#.. ..#..
-Z ##### ....# ...#. ..#.. .#... #.... #####
-0 .###. #...# #..## #.#.# ##..# #...# .###.
-1 ..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.
-2 .###. #...# ....# ...#. ..#.. .#... #####
-3 ##### ...#. ..#.. ...#. ....# #...# .###.
-4 ...#. ..##. .#.#. #..#. ##### ...#. ...#.
-5 ##### #.... ####. ....# ....# #...# .###.
-6 ..##. .#... #.... ####. #...# #...# .###.
-7 ##### ....# ...#. ..#.. .#... .#... .#...
-8 .###. #...# #...# .###. #...# #...# .###.
-9 .###. #...# #...# .#### ....# ...#. .##..
-. ..... ..... ..... ..... ..... .##.. .##..
-, ..... ..... ..... ..... .##.. ..#.. .#...
-= ..... ..... ##### ..... ##### ..... .....
-- ..... ..... ..... ##### ..... ..... .....
-+ ..... ..#.. ..#.. ##### ..#.. ..#.. .....
-( ...#. ..#.. .#... .#... .#... ..#.. ...#.
-) .#... ..#.. ...#. ...#. ...#. ..#.. .#...
-: ..... .##.. .##.. ..... .##.. .##.. .....
-/ ..... ....# ...#. ..#.. .#... #.... .....
-% ##... ##..# ...#. ..#.. .#... #..## ...##
-"""
-FONT = {
-    line[0]: np.array([[c == "#" for c in row] for row in line[2:].split()], bool)
-    for line in _GLYPHS.strip().splitlines()
-}
-FONT[" "] = np.zeros((7, 5), bool)
-
-
-def text_size(text: str, scale: int) -> tuple[int, int]:
-    """(height, width) in pixels of `text` at `scale` (one font pixel = scale x scale)."""
-    return 7 * scale, max(len(text) * 6 - 1, 0) * scale
-
-
-def draw_text(canvas: np.ndarray, text: str, top: int, left: int, scale: int,
-              colour: tuple[int, int, int] = INK) -> None:
-    """Write `text` (upper-cased; characters the font lacks show as blanks) onto an RGB
-    canvas in place, clipped at its edges."""
-    for i, char in enumerate(text.upper()):
-        glyph = np.kron(FONT.get(char, FONT[" "]), np.ones((scale, scale), bool))
-        y, x = top, left + i * 6 * scale
-        h = min(glyph.shape[0], canvas.shape[0] - y)
-        w = min(glyph.shape[1], canvas.shape[1] - x)
-        if h > 0 and w > 0 and y >= 0 and x >= 0:
-            canvas[y : y + h, x : x + w][glyph[:h, :w]] = colour
-
-
-def _fitting_scale(texts: list[str], width: int, largest: int) -> int:
-    """The largest text scale (1..largest) at which every text fits in `width` pixels."""
-    for scale in range(largest, 1, -1):
-        if all(text_size(t, scale)[1] <= width for t in texts):
-            return scale
-    return 1
-
-
-# --- the figure -----------------------------------------------------------------------------
-
-
-def _block_max(a: np.ndarray, step: int) -> np.ndarray:
+def block_max(a: np.ndarray, step: int) -> np.ndarray:
     """Maximum over step x step blocks: a one-pixel gap or a thin ridge of heavy weight stays
     visible when a large image is shown smaller (a plain stride would skip it)."""
     if step == 1:
@@ -169,42 +107,98 @@ def _block_max(a: np.ndarray, step: int) -> np.ndarray:
     return padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step).max(axis=(1, 3))
 
 
-def colour_bar(height: int, width: int, vmax: float, scale: int) -> np.ndarray:
-    """A vertical viridis bar, 0 at the bottom and vmax at the top, with five labelled ticks."""
-    labels = [f"{vmax * i / 4:.3g}" for i in range(5)]
-    label_width = max(text_size(t, scale)[1] for t in labels)
-    tick = 3 * scale
-    bar = np.full((height, width + tick + scale * 2 + label_width, 3), PAPER, np.uint8)
-    ramp = np.linspace(vmax, 0, height)[:, None].repeat(width, axis=1)
-    bar[:, :width] = colormap(ramp, vmax)
-    text_h = text_size("0", scale)[0]
-    for i, label in enumerate(labels):
-        y = int(round((height - 1) * (1 - i / 4)))
-        bar[max(y - scale // 2, 0) : y + (scale + 1) // 2 + 1, width : width + tick] = INK
-        top = min(max(y - text_h // 2, 0), height - text_h)
-        draw_text(bar, label, top, width + tick + scale * 2, scale)
-    return bar
+# --- layout and rendering -------------------------------------------------------------------
 
 
-def targets_figure(
+def panel_grid(
+    rows: int,
+    cols: int,
+    panel_shape: tuple[int, int],
+    title_lines: int = 1,
+    row_label_inches: float = 0.0,
+    colour_bar_rows: Sequence[int] = (),
+) -> tuple[Figure, list[list[Axes]], dict[int, Axes]]:
+    """A figure of rows x cols image axes, each exactly `panel_shape` (height, width) pixels
+    at whole-pixel positions, with room for `title_lines` of title above each column, row
+    labels `row_label_inches` wide on the left, and a colour bar beside the last panel of each
+    row in `colour_bar_rows`. Returns the figure, the axes by row, the colour-bar axes by row.
+    """
+    panel_h, panel_w = panel_shape
+    dpi = panel_w / PANEL_INCHES
+
+    def px(inches: float) -> int:
+        return int(round(inches * dpi))
+
+    gap, margin = px(0.12), px(0.1)
+    line = px(FONT_SIZE / 72 * 1.4)
+    title_h = title_lines * line + px(0.05)
+    bar_w, bar_room = (px(0.14), px(0.1) + px(0.14) + px(0.75)) if colour_bar_rows else (0, 0)
+    left = margin + px(row_label_inches)
+    width = left + cols * panel_w + (cols - 1) * gap + bar_room + margin
+    height = margin + rows * (title_h + panel_h) + (rows - 1) * gap + margin
+
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    fig.set_canvas(FigureCanvasAgg(fig))
+
+    def box(x: int, top: int, w: int, h: int) -> list[float]:  # pixels from the top-left
+        return [x / width, (height - top - h) / height, w / width, h / height]
+
+    axes, bars = [], {}
+    for r in range(rows):
+        top = margin + title_h + r * (title_h + panel_h + gap)
+        row = []
+        for c in range(cols):
+            ax = fig.add_axes(box(left + c * (panel_w + gap), top, panel_w, panel_h))
+            ax.set_axis_off()
+            row.append(ax)
+        axes.append(row)
+        if r in colour_bar_rows:
+            x = left + cols * panel_w + (cols - 1) * gap + px(0.1)
+            bars[r] = fig.add_axes(box(x, top, bar_w, panel_h), label="colour bar")
+    return fig, axes, bars
+
+
+def show(ax: Axes, picture: np.ndarray, **imshow: object) -> AxesImage:
+    """An image on a `panel_grid` axes, pixel for pixel (nearest neighbour, no smoothing)."""
+    return ax.imshow(picture, interpolation="nearest", resample=False, **imshow)
+
+
+def weight_colour_bar(weights: AxesImage, cax: Axes) -> None:
+    """The colour bar of a weight map drawn by `show`, on the axes `panel_grid` made for it."""
+    cax.figure.colorbar(weights, cax=cax).ax.tick_params(labelsize=FONT_SIZE - 1)
+    cax.set_ylabel("weight w(x)", fontsize=FONT_SIZE - 1)
+
+
+def render(fig: Figure) -> np.ndarray:
+    """A matplotlib figure as H x W x 3 uint8 RGB, drawn by the Agg canvas."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# --- the figure -----------------------------------------------------------------------------
+
+
+def targets_plot(
     labels: np.ndarray,
     image: np.ndarray | None = None,
     w0: float = 10.0,
     sigma: float = 5.0,
     balance: float = 1.0,
     gap: int = 1,
-) -> np.ndarray:
-    """What the network is taught for one instance label image, as uint8 RGB (paper Fig. 3).
+) -> Figure:
+    """What the network is taught for one instance label image, as a matplotlib figure (paper
+    Fig. 3).
 
     Panels side by side: the image (when given: H x W or H x W x C, raw or normalised, shown
-    by `overlay.to_display`), the class map (each cell a colour of its own on black, the gap
-    pixels carved between touching cells white), and the weight map `weight_map(labels, w0,
-    sigma, balance, gap)` in viridis with a colour bar from 0 to its maximum. Titles state the
-    settings, the number of cells and carved gap pixels.
+    by `overlay.to_display`), the class map (each cell a colour of its own on black, touching
+    cells in different colours, the gap pixels carved between them white), and the weight map
+    `weight_map(labels, w0, sigma, balance, gap)` in viridis with a colour bar from 0 to its
+    maximum. Titles state the settings, the number of cells and carved gap pixels.
 
-    Small images are scaled up by whole pixels so the letters fit; images with an edge longer
-    than MAX_EDGE are shown on an integer stride, the gaps and the weights by block maxima so
-    that one-pixel gaps stay visible.
+    Small images are scaled up by whole pixels to MIN_EDGE; images with an edge longer than
+    MAX_EDGE are shown on an integer stride, the gaps and the weights by block maxima so that
+    one-pixel gaps and thin ridges of weight stay visible.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
@@ -221,41 +215,32 @@ def targets_figure(
 
     height, width = labels.shape
     step = display_stride(height, width, MAX_EDGE)
-    zoom = max(1, -(-MIN_EDGE // max(-(-height // step), -(-width // step), 1)))
+    shown_h, shown_w = -(-height // step), -(-width // step)
+    zoom = max(1, -(-MIN_EDGE // max(shown_h, shown_w, 1)))
 
-    def show(rgb: np.ndarray) -> np.ndarray:
-        return np.kron(rgb, np.ones((zoom, zoom, 1), np.uint8)) if zoom > 1 else rgb
-
-    panels, titles = [], []
-    if image is not None:
-        panels.append(show(to_display(np.asarray(image)[::step, ::step])))
-        titles.append(["image"])
     class_rgb = instance_colours(carved[::step, ::step])
-    class_rgb[_block_max(gaps, step)] = GAP_COLOUR
-    panels.append(show(class_rgb))
+    class_rgb[block_max(gaps, step)] = GAP_COLOUR
     cells = int(np.count_nonzero(np.unique(labels)))
-    titles.append([f"classes, gap {gap} px", f"{cells} cells, {int(gaps.sum())} gap px"])
-    panels.append(show(colormap(_block_max(weights, step), vmax)))
-    titles.append([f"weights w0={w0:g} sigma={sigma:g}", f"balance {balance:g}, max {vmax:.3g}"])
+    panels = [
+        (class_rgb, f"classes, gap {gap} px\n{cells} cells, {int(gaps.sum())} gap px (white)", {}),
+        (block_max(weights, step), f"weights (eq. 2), w$_0$={w0:g}, σ={sigma:g} px\nbalance {balance:g}, "
+         f"max {vmax:.3g}", {"cmap": WEIGHT_CMAP, "vmin": 0.0, "vmax": max(vmax, 1e-12)}),
+    ]
+    if image is not None:
+        panels.insert(0, (to_display(np.asarray(image)[::step, ::step]), f"image\n{height} x {width} px", {}))
 
-    panel_h, panel_w = panels[-1].shape[:2]
-    scale = _fitting_scale([t for lines in titles for t in lines], panel_w, largest=max(2, panel_w // 160))
-    margin = 6 * scale
-    line_h = text_size("A", scale)[0] + 3 * scale
-    title_h = 2 * line_h
-    bar = colour_bar(panel_h, max(4 * scale, panel_w // 24), vmax, scale)
-
-    fig_w = margin + sum(p.shape[1] + margin for p in panels) + bar.shape[1] + margin
-    fig_h = margin + title_h + panel_h + margin
-    fig = np.full((fig_h, fig_w, 3), PAPER, np.uint8)
-    x = margin
-    for panel, lines in zip(panels, titles):
-        for i, line in enumerate(lines):
-            draw_text(fig, line, margin + i * line_h, x, scale)
-        fig[margin + title_h : margin + title_h + panel_h, x : x + panel.shape[1]] = panel
-        x += panel.shape[1] + margin
-    fig[margin + title_h : margin + title_h + panel_h, x : x + bar.shape[1]] = bar
+    fig, axes, bars = panel_grid(1, len(panels), (shown_h * zoom, shown_w * zoom), title_lines=2,
+                                 colour_bar_rows=(0,))
+    for ax, (picture, title, style) in zip(axes[0], panels):
+        shown = show(ax, picture, **style)
+        ax.set_title(title, fontsize=FONT_SIZE, loc="left")
+    weight_colour_bar(shown, bars[0])
     return fig
+
+
+def targets_figure(labels: np.ndarray, image: np.ndarray | None = None, **settings: float) -> np.ndarray:
+    """`targets_plot` (settings w0, sigma, balance, gap) rendered to H x W x 3 uint8 RGB."""
+    return render(targets_plot(labels, image=image, **settings))
 
 
 def save_targets_figure(
