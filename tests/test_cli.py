@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from unetcell.cli import main
@@ -28,6 +29,7 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert "no images" in result.stderr
 
 
+@pytest.mark.slow
 def test_synth_then_train_from_the_command_line(tmp_path):
     runner = CliRunner()
     assert runner.invoke(main, ["synth", str(tmp_path / "d"), "--count", "2", "--shape", "96", "96"]).exit_code == 0

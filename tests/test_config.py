@@ -1,8 +1,11 @@
 """Settings: TOML in, CLI overrides on top, errors that name the file and the key."""
 
-import pytest
+from pathlib import Path
 
-from unetcell.config import Config, config_to_toml, load_config, save_config
+import pytest
+import tomllib
+
+from unetcell.config import Config, config_from_dict, config_to_toml, load_config, save_config
 from unetcell.errors import ConfigError
 
 
@@ -48,8 +51,28 @@ def test_bad_settings_name_the_file_and_key(tmp_path, text, words):
         assert word in str(e.value)
 
 
-def test_shipped_experiments_load():
-    from pathlib import Path
+EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.toml"))
 
-    for path in Path(__file__).parent.parent.glob("experiments/*.toml"):
-        assert "[" in config_to_toml(load_config(path))
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_shipped_experiments_hold_what_they_say_and_survive_a_round_trip(path, tmp_path):
+    assert EXPERIMENTS  # the glob found the shipped files
+    config = load_config(path)
+    for section, settings in tomllib.loads(path.read_text()).items():
+        for key, value in settings.items():
+            assert getattr(getattr(config, section), key) == value, f"{section}.{key}"
+    text = config_to_toml(config)
+    assert config_from_dict(tomllib.loads(text)) == config  # every setting written, not only the file's
+    (tmp_path / "again.toml").write_text(text)
+    assert load_config(tmp_path / "again.toml") == config
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_a_misspelt_key_in_a_shipped_experiment_is_named_with_its_file(path, tmp_path):
+    section, settings = next(iter(tomllib.loads(path.read_text()).items()))
+    key = next(iter(settings))
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text().replace(f"{key} =", f"{key}s =", 1))
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}s") as e:
+        load_config(copy)
+    assert str(copy) in str(e.value)

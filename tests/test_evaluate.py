@@ -356,8 +356,7 @@ def test_a_model_predicts_each_image_through_load_predictor(folder, monkeypatch,
     data, _, truths, _ = folder
     fake = _ShiftPredictor([truths[s] for s in "abc"])
     calls = []
-    monkeypatch.setattr(unetcell.predict, "load_predictor",
-                        lambda path, **kw: calls.append(path) or fake, raising=False)
+    monkeypatch.setattr(unetcell.predict, "load_predictor", lambda path, **kw: calls.append(path) or fake)
     result = evaluate_folder(data, model="model.keras", overlay_dir=tmp_path / "ov")
     assert calls == ["model.keras"] and fake.seen == [(64, 80, 1)] * 3
     want = pool([score_image(truths[s], np.roll(truths[s], 1, axis=0), s) for s in "abc"])
@@ -434,9 +433,6 @@ def test_cli_names_a_missing_prediction(folder):
 @pytest.mark.slow
 def test_cli_scores_a_trained_model_like_its_own_label_files(synth_folder, tmp_path):
     import unetcell.predict
-
-    if not hasattr(unetcell.predict, "load_predictor"):
-        pytest.skip("unetcell.predict.load_predictor is not written yet")
     from unetcell.io import read_image
 
     run = tmp_path / "run"

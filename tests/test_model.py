@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from unetcell.config import Config, ModelConfig
-from unetcell.errors import ConfigError
+from unetcell.errors import ConfigError, OutputExistsError
 from unetcell.model import (
     build_unet,
     is_valid_input_size,
@@ -104,5 +104,5 @@ def test_saved_model_loads_in_safe_mode_with_its_config(tmp_path):
 def test_save_model_refuses_to_overwrite(tmp_path):
     config = Config().override("model", filters=2, depth=1)
     path = save_model(build_unet(config.model), tmp_path / "m.keras", config)
-    with pytest.raises(Exception, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="--overwrite"):
         save_model(build_unet(config.model), path, config)

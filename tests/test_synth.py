@@ -1,8 +1,10 @@
 """Synthetic microscopy: reproducible, touching cells, both bit depths."""
 
 import numpy as np
+import pytest
 import tifffile
 
+from unetcell.errors import OutputExistsError
 from unetcell.synth import synth_sample, write_dataset
 
 
@@ -49,9 +51,5 @@ def test_sixteen_bit_uses_the_range_with_an_offset():
 
 def test_write_dataset_refuses_to_overwrite(tmp_path):
     write_dataset(tmp_path, count=1, shape=(32, 32), seed=0)
-    try:
+    with pytest.raises(OutputExistsError, match="--overwrite"):
         write_dataset(tmp_path, count=1, shape=(32, 32), seed=0)
-    except Exception as e:
-        assert "--overwrite" in str(e)
-    else:
-        raise AssertionError("second write did not refuse")

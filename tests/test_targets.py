@@ -304,13 +304,36 @@ def test_carving_only_removes_contact_pixels_and_never_a_whole_cell(labels, gap)
 # --- weight_map -------------------------------------------------------------------------------
 
 
-def test_weight_map_is_class_term_plus_border_term_of_the_carved_labels():
-    labels = random_blobs((128, 128), 40, seed=10)
-    carved = carve_gaps(labels, gap=1)
-    expected = class_weights(carved != 0, 0.5) + border_weights(carved, 10.0, 5.0)
+def balanced_class_term(carved: np.ndarray, balance: float) -> np.ndarray:
+    """w_c solved from what it promises: w_fg / w_bg = (n_bg / n_fg) ** balance, mean 1."""
+    n_fg = np.count_nonzero(carved)
+    n_bg = carved.size - n_fg
+    ratio = (n_bg / n_fg) ** balance
+    w_bg = carved.size / (n_fg * ratio + n_bg)
+    return np.where(carved != 0, ratio * w_bg, w_bg)
+
+
+def test_weight_map_of_two_touching_squares_by_hand():
+    labels = two_squares(gap=0)  # 40 x 60: two 10 x 10 squares touching along column 20
+    carved_by_hand = labels.copy()
+    carved_by_hand[10:20, 20] = 0
+    assert np.array_equal(carve_gaps(labels, gap=1), carved_by_hand)
+    # 190 cell pixels of 2400 at balance 0.5: w_fg / w_bg = sqrt(2210 / 190) = 3.4105,
+    # 190 w_fg + 2210 w_bg = 2400 -> w_bg = 0.83975, w_fg = 2.86400
+    class_term = np.where(carved_by_hand != 0, 2.86400, 0.83975)
+    assert np.allclose(balanced_class_term(carved_by_hand, 0.5), class_term, atol=1e-5)
+    expected = class_term + brute_force_border(carved_by_hand, w0=10.0, sigma=5.0)
     got = weight_map(labels, w0=10.0, sigma=5.0, balance=0.5, gap=1)
     assert got.dtype == np.float32
-    assert np.allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE)
+
+
+def test_weight_map_matches_brute_force_on_random_touching_cells():
+    labels = random_blobs((128, 128), 40, seed=10)
+    carved = carve_gaps(labels, gap=1)
+    expected = balanced_class_term(carved, 0.5) + brute_force_border(carved, w0=10.0, sigma=5.0)
+    got = weight_map(labels, w0=10.0, sigma=5.0, balance=0.5, gap=1)
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE)
 
 
 def test_carved_gap_pixels_get_the_heavy_border_weight():

@@ -11,6 +11,8 @@ from unetcell.data import discover_pairs, load_examples, split_examples, validat
 from unetcell.errors import OutputExistsError
 from unetcell.train import Trainer, seed_everything, train
 
+pytestmark = pytest.mark.slow  # every test here trains a network; `make test-fast` skips them
+
 SMALL = (
     Config()
     .override("model", filters=8, depth=2)
