@@ -11,10 +11,11 @@ import sys
 
 import click
 
-# TensorFlow's C++ start-up chatter is noise to a user; real errors still surface.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from .errors import UnetcellError
+from .quiet import quiet_tensorflow_import
 
-from .errors import UnetcellError  # noqa: E402
+# TensorFlow's C++ start-up chatter is noise to a user; real errors still surface.
+quiet_tensorflow_import()
 
 
 class _Group(click.Group):

@@ -63,7 +63,7 @@ THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10
 # -- overlaps ---------------------------------------------------------------------------------
 
 
-def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _renumber_cells(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, areas, index): the non-zero labels present, their pixel counts, and the label
     image re-numbered 0 (background), 1..n in the order of `ids`."""
     flat = labels.ravel()
@@ -141,8 +141,8 @@ def cell_overlaps(truth: np.ndarray, predicted: np.ndarray) -> CellOverlaps:
             raise ValueError(
                 f"{name} must be a non-negative integer label image. Received dtype {labels.dtype}"
             )
-    true_ids, true_areas, t = _compact(truth.astype(np.int64, copy=False))
-    pred_ids, pred_areas, p = _compact(predicted.astype(np.int64, copy=False))
+    true_ids, true_areas, t = _renumber_cells(truth.astype(np.int64, copy=False))
+    pred_ids, pred_areas, p = _renumber_cells(predicted.astype(np.int64, copy=False))
     both = (t > 0) & (p > 0)
     columns = len(pred_ids) + 1
     codes = t[both] * columns + p[both]

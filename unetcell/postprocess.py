@@ -17,7 +17,7 @@ the thresholded foreground. Three steps:
 
 Instances are made after stitching, on the whole foreground map, never per tile, so a cell cut
 by a tile border stays one cell. That needs the probability map in memory: about 25 bytes per
-pixel at the peak (`MAX_LABEL_PIXELS` bounds what `unetcell.predict` accepts).
+pixel at the peak (`unetcell.predict.check_label_memory` refuses a slide that would not fit).
 """
 
 from __future__ import annotations
