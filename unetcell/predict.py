@@ -336,7 +336,7 @@ def predict_files(
     files and one over tiles. Every output path is checked before the model is loaded, and
     every image is opened once to check it can be read, so a typo in the last of 50 files is
     reported before an hour of work, not after."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm  # plain log lines when stderr is not a terminal
 
     plans = output_paths(images, out, output, overlay)
     for plan in plans:
