@@ -33,7 +33,7 @@ from .targets import as_instances, carve_gaps, weight_map
 WEIGHT_CMAP = "viridis"  # perceptually uniform, readable in gray and by colour-blind readers
 GAP_COLOUR = (255, 255, 255)  # carved gap pixels: white between the coloured cells
 # Cells that touch get different colours from this palette (matplotlib's tab10 without its
-# gray, which would read as background, and without red/green pairs next to each other).
+# gray, which would read as background).
 CELL_COLOURS = tuple(
     to_rgb(c) for c in ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:pink",
                         "tab:olive", "tab:cyan", "tab:brown", "tab:red")
@@ -43,8 +43,8 @@ CELL_COLOURS = tuple(
 # shown on an integer stride beyond MAX_EDGE (a whole slide stays a few megapixels).
 MIN_EDGE = 384
 MAX_EDGE = 2048
-# Every panel is this wide on the page, whatever its pixel count: the resolution (dpi) follows
-# the panel, so text keeps its size relative to the pictures on a tile and on a slide.
+# A panel's longer edge is this long on the page, whatever its pixel count: the resolution (dpi)
+# follows the panel, so text keeps its size relative to the pictures on a tile and on a slide.
 PANEL_INCHES = 3.2
 FONT_SIZE = 10  # points
 
@@ -56,7 +56,7 @@ def neighbour_colouring(labels: np.ndarray, reach: int = 2, colours: int = len(C
     """A colour index (1, 2, ...) per pixel of each cell, 0 on the background, such that two
     cells at most `reach` pixels apart (touching, or across a carved gap) never share an index.
     Greedy in label order over `colours` indices; a cell with that many neighbours or more
-    takes a further index."""
+    takes a further index (whose colour repeats the palette)."""
     labels = np.asarray(labels)
     h, w = labels.shape
     padded = np.pad(labels, reach)
@@ -124,7 +124,7 @@ def panel_grid(
     row in `colour_bar_rows`. Returns the figure, the axes by row, the colour-bar axes by row.
     """
     panel_h, panel_w = panel_shape
-    dpi = panel_w / PANEL_INCHES
+    dpi = max(panel_h, panel_w) / PANEL_INCHES
 
     def px(inches: float) -> int:
         return int(round(inches * dpi))
