@@ -122,7 +122,6 @@ def serving_module(model, config: Config, tile: int | None = None, batch_size: i
     module = tf.Module()
     module.model = model  # tracked: its weights become the SavedModel's variables
     module.serve = serve
-    module.tile, module.batch_size = tile, batch_size
     return module
 
 
