@@ -180,10 +180,35 @@ def evaluate(data, model, predictions, json_path, overlay_dir, overwrite):
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option("--tile", type=int, help="Input tile edge of the served pass (default: predict's).")
+@click.option("--batch-size", type=int, help="Tiles per forward pass in the served graph.")
+@click.option("--check", is_flag=True,
+              help="Reload the SavedModel in a fresh process and compare it with predict.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing SavedModel.")
-def export(model, out, overwrite):
-    """Export MODEL as a SavedModel that serves with TensorFlow alone."""
-    raise UnetcellError("export is not implemented yet")
+def export(model, out, tile, batch_size, check, overwrite):
+    """Export MODEL as a SavedModel in OUT that serves with TensorFlow alone.
+
+    OUT is a version folder as TensorFlow Serving wants it (serving/cells/1). Its
+    serving_default signature takes raw float32 images [batch, height, width, channels] of any
+    size and returns foreground_probability [batch, height, width] and class_probabilities
+    [batch, height, width, classes], normalised and tiled in the graph as predict does.
+    """
+    from .config import Config
+    from .export import CHECK_TOLERANCE, CLASSES, FOREGROUND, INPUT, SIGNATURE, check_export, export_model
+    from .model import saved_config
+
+    config = (saved_config(model) or Config()).override("predict", tile=tile, batch_size=batch_size)
+    written = export_model(model, out, config, overwrite=overwrite)
+    click.echo(f"wrote {written}: {SIGNATURE}({INPUT}: float32 [batch, height, width, "
+               f"{config.model.channels}]) -> {FOREGROUND} [batch, height, width], "
+               f"{CLASSES} [batch, height, width, {config.model.classes}]")
+    if check:
+        worst = check_export(model, written, config)
+        click.echo(f"check: a 301 x 457 image served in a fresh process (TensorFlow alone) "
+                   f"against unetcell predict: max |difference| {worst:.1e}")
+        if not worst <= CHECK_TOLERANCE:
+            raise UnetcellError(f"{written}: served probabilities differ from predict by "
+                                f"{worst:.1e} (more than {CHECK_TOLERANCE:.0e})")
 
 
 @main.command()

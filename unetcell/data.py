@@ -17,9 +17,9 @@ from .config import Config, TargetsConfig
 from .errors import DataError
 from .files import atomic_path
 from .folders import Pair, discover_pairs  # noqa: F401  (re-exported: the folder API)
+from .geometry import TileGeometry
 from .io import read_image, read_mask
 from .mirror import mirror_window
-from .model import output_size, valid_input_size
 from .normalize import normalize
 
 # Bump when the meaning of the cached targets changes, so old caches are not reused.
@@ -161,24 +161,6 @@ def split_examples(
 
 
 # --- tiles --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TileGeometry:
-    """Input and output edges of training tiles for a model (the model module's arithmetic)."""
-
-    input: int
-    output: int
-
-    @property
-    def margin(self) -> int:
-        return (self.input - self.output) // 2
-
-    @classmethod
-    def for_config(cls, config: Config) -> TileGeometry:
-        m = config.model
-        size = valid_input_size(config.train.tile, m.depth, m.padding)
-        return cls(size, output_size(size, m.depth, m.padding))
-
 
 def cut_tile(example: Example, top: int, left: int, geometry: TileGeometry):
     """The input tile whose output window starts at (top, left), mirrored past the borders,

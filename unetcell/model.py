@@ -4,8 +4,9 @@ With unpadded ("valid") convolutions every 3x3 convolution trims one pixel per s
 2x2 pooling must see an even size, so only some input sizes are valid and the output is
 smaller than the input by a fixed margin (572 -> 388 at depth 4, a margin of 92 per side).
 Keras does not check this: pooling floors an odd size and the centre crop hides the
-mismatch, so an invalid size silently gives a shifted, wrong output. This module owns the
-arithmetic (`valid_input_size`, `output_size`, `margin`) and everything else asks it.
+mismatch, so an invalid size silently gives a shifted, wrong output. That arithmetic
+(`valid_input_size`, `output_size`, `margin`) lives in the keras-free `unetcell.geometry`,
+which training, prediction and the serving graph share; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -18,85 +19,13 @@ import keras
 from keras import layers
 
 from .config import Config, ModelConfig, config_from_dict, config_to_toml
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .files import atomic_path, check_writable
+from .geometry import is_valid_input_size, margin, output_size, valid_input_size  # noqa: F401
 
 # The unetcell settings (normalisation, targets, prediction) travel inside the .keras file, so
 # `unetcell predict MODEL` needs nothing else; Keras ignores zip entries it does not know.
 CONFIG_ENTRY = "unetcell_config.toml"
-
-_CONVS_PER_LEVEL = 2
-
-
-def _trim(padding: str) -> int:
-    """Pixels one level's two 3x3 convolutions remove from a size."""
-    return 2 * _CONVS_PER_LEVEL if padding == "valid" else 0
-
-
-def _output_or_none(input_size: int, depth: int, padding: str) -> int | None:
-    trim = _trim(padding)
-    size = input_size
-    for _ in range(depth):
-        size -= trim
-        if size < 2 or size % 2:
-            return None
-        size //= 2
-    size -= trim  # the bottom of the U
-    if size < 1:
-        return None
-    for _ in range(depth):
-        size = 2 * size - trim
-        if size < 1:  # the expansive path trims too: a tiny bottom may vanish on the way up
-            return None
-    return size
-
-
-def output_size(input_size: int, depth: int, padding: str = "valid") -> int:
-    """The output edge for an input edge; raises ConfigError for an invalid input size."""
-    size = _output_or_none(input_size, depth, padding)
-    if size is None:
-        raise ConfigError(
-            f"input size {input_size} is not valid for a U-Net of depth {depth} with "
-            f"{padding} padding: every 2x2 pooling must see an even size. "
-            f"Nearest valid size: {valid_input_size(input_size, depth, padding)}"
-        )
-    return size
-
-
-def is_valid_input_size(input_size: int, depth: int, padding: str = "valid") -> bool:
-    return _output_or_none(input_size, depth, padding) is not None
-
-
-def margin(depth: int, padding: str = "valid") -> int:
-    """Pixels per side that an unpadded U-Net's output lacks against its input (92 at depth 4)."""
-    # From output_size: input - output = 12 * 2**depth - 8 for two 3x3 convolutions per level.
-    return 0 if padding == "same" else 6 * 2**depth - 4
-
-
-def _first_valid(depth: int, padding: str) -> int:
-    size = 1
-    while not is_valid_input_size(size, depth, padding):
-        size += 1
-    return size
-
-
-def valid_input_size(size: int, depth: int, padding: str = "valid", rounding: str = "nearest") -> int:
-    """The valid input edge nearest to `size` (or the next one up or down).
-
-    Valid sizes form the lattice 2**depth * k + (2 * margin mod 2**depth): 572 = 16 * 32 + 60
-    at depth 4. Ties round up, and a size below the smallest valid one gives the smallest.
-    """
-    step = 2**depth
-    first = _first_valid(depth, padding)
-    if size <= first:
-        return first
-    below = first + (size - first) // step * step
-    above = below if below == size else below + step
-    if rounding == "up":
-        return above
-    if rounding == "down":
-        return below
-    return below if size - below < above - size else above
 
 
 def build_unet(config: ModelConfig | None = None, name: str = "unet") -> keras.Model:

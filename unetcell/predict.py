@@ -29,6 +29,7 @@ import numpy as np
 from .config import Config
 from .errors import ConfigError, DataError
 from .files import check_writable
+from .geometry import DEFAULT_OUTPUT_EDGE, default_tile  # noqa: F401  (re-exported)
 from .io import TIFF_SUFFIXES
 from .normalize import apply_normalization, percentiles
 from .overlay import display_stride
@@ -38,24 +39,12 @@ from .tiling import Geometry, TilePlan, forward_fn, predict_tiled_bands, smalles
 
 OUTPUTS = ("probabilities", "labels", "both")
 
-# Output pixels kept per tile edge by default. Valid convolutions recompute the margin for
-# every tile, so bigger tiles waste less: benchmarks/predict.py (depth 4, 16 filters, 2 cores)
-# measured 0.43 output Mpx/s at tile 252, 1.54 at 492, 1.94 at 700, 2.03 at 876 and 2.16 at
-# 1212. 512 kept pixels (tile 700 at depth 4) is within 10 % of the largest while a batch of 4
-# tiles of a 64-filter network keeps its first-level maps under 0.5 GiB each.
-DEFAULT_OUTPUT_EDGE = 512
-
 # Peak bytes per pixel of making labels: the stitched float32 map, the threshold, the int32
 # components and their one-pixel growth in `postprocess.instances`, measured about 25.
 LABEL_BYTES_PER_PIXEL = 25
 
 # The edge of the overlay picture; larger slides are shown on an integer stride.
 OVERLAY_EDGE = 2048
-
-
-def default_tile(geometry: Geometry) -> int:
-    """The valid tile edge that keeps about DEFAULT_OUTPUT_EDGE output pixels per tile."""
-    return geometry.valid_tile(DEFAULT_OUTPUT_EDGE + 2 * geometry.context, "up")
 
 
 def choose_tile(requested: int, geometry: Geometry) -> tuple[int, str | None]:

@@ -34,198 +34,22 @@ TensorFlow ops, for a serving graph.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ConfigError
+from .geometry import (  # noqa: F401  (the plan lives in the keras-free geometry module)
+    AxisPlan,
+    Geometry,
+    TilePlan,
+    axis_steps,
+    max_stride,
+    smallest_tile,
+    tile_plan,
+)
 from .mirror import mirror_indices
-from .model import margin as model_margin
-from .model import valid_input_size
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 RowReader = Callable[[int, int], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """What tiling needs to know about a U-Net: its depth (2**depth is the pooling grid), its
-    padding and up-sampling, and from them the context a tile needs beyond the output it keeps.
-
-    - `margin`: pixels per side that the network's output lacks against its input (92 at
-      depth 4 unpadded; 0 for "same" padding). `predict_fn` must have this geometry.
-    - `context`: input pixels per side that each kept output pixel needs. For the paper's
-      network (unpadded, transposed up-convolutions) it is the margin: every output pixel is
-      computed from valid input only. Zero padding ("same", or the 2x2 "same" convolution after
-      bilinear / nearest up-sampling) and the edge rule of bilinear resizing disturb output
-      pixels up to the receptive field away from a tile edge, which measured at most
-      margin + 2.2 * 2**depth (depth 1-4); such networks get 8 * 2**depth and the output is
-      cropped by `crop` = context - margin, which makes them exact too.
-    """
-
-    depth: int
-    padding: str = "valid"
-    upsampling: str = "transpose"
-
-    @property
-    def margin(self) -> int:
-        return model_margin(self.depth, self.padding)
-
-    @property
-    def grid(self) -> int:
-        return 2**self.depth
-
-    @property
-    def context(self) -> int:
-        if self.padding == "valid" and self.upsampling == "transpose":
-            return self.margin
-        return 8 * self.grid
-
-    @property
-    def crop(self) -> int:
-        return self.context - self.margin
-
-    def valid_tile(self, size: int, rounding: str = "nearest") -> int:
-        return valid_input_size(size, self.depth, self.padding, rounding)
-
-    def check_tile(self, tile: int) -> None:
-        """ConfigError naming the nearest valid size when `tile` is not a valid input edge."""
-        if self.valid_tile(tile) != tile:
-            raise ConfigError(
-                f"tile {tile} is not a valid input size for depth {self.depth} with "
-                f"{self.padding} padding; nearest valid size: {self.valid_tile(tile)}"
-            )
-
-    @classmethod
-    def of_config(cls, config) -> Geometry:
-        """From a `unetcell.config.ModelConfig`."""
-        return cls(config.depth, config.padding, config.upsampling)
-
-    @classmethod
-    def of_model(cls, model) -> Geometry:
-        """From a built U-Net's layers (the number of 2x2 poolings, the first convolution's
-        padding, the up-sampling layers), so a model is never tiled by a config's word."""
-        import keras
-
-        depth = sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
-        convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-        if depth < 1 or not convs:
-            raise ConfigError(f"model {model.name!r} does not look like a U-Net (no pooling or convolution)")
-        ups = [layer for layer in model.layers if isinstance(layer, keras.layers.UpSampling2D)]
-        upsampling = ups[0].interpolation if ups else "transpose"
-        return cls(depth, convs[0].padding, upsampling)
-
-
-@dataclass(frozen=True)
-class AxisPlan:
-    """The tiles along one axis of an image of `size` pixels.
-
-    Tile k reads the input window [k * stride - context, k * stride - context + tile) of the
-    mirror-extended image and keeps the output pixels [k * stride, k * stride + stride) (the
-    last tile fewer), taken from predict_fn's output starting at `crop`.
-    """
-
-    size: int  # image pixels along the axis
-    tile: int  # input window edge (a valid input size)
-    stride: int  # output pixels kept per tile; a multiple of 2**depth (or the one tile)
-    count: int  # tiles along the axis
-    context: int  # input pixels before the first kept output pixel
-    crop: int  # output pixels of predict_fn before the first kept one
-
-    def window(self, k: int) -> tuple[int, int]:
-        """Input pixels [start, stop) of tile k, in image coordinates (may reach past the image)."""
-        start = k * self.stride - self.context
-        return start, start + self.tile
-
-    def keep(self, k: int) -> tuple[slice, slice]:
-        """(source, destination): tile k's kept output pixels and where they go in the image."""
-        start = k * self.stride
-        stop = min(start + self.stride, self.size)
-        return slice(self.crop, self.crop + stop - start), slice(start, stop)
-
-    @property
-    def span(self) -> tuple[int, int]:
-        """Input pixels [start, stop) read by all tiles together, in image coordinates."""
-        return -self.context, (self.count - 1) * self.stride - self.context + self.tile
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """The overlap-tile plan of an image: one `AxisPlan` for the rows, one for the columns."""
-
-    rows: AxisPlan
-    cols: AxisPlan
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.rows.size, self.cols.size
-
-    @property
-    def count(self) -> int:
-        return self.rows.count * self.cols.count
-
-    @property
-    def tile_shape(self) -> tuple[int, int]:
-        return self.rows.tile, self.cols.tile
-
-    def tiles(self) -> Iterator[tuple[tuple[int, int], tuple[slice, slice], tuple[slice, slice]]]:
-        """For every tile in row-major order: the input window's top-left corner (image
-        coordinates, possibly negative) and the (source, destination) slices of its kept
-        output. Stitching is a loop of slice assignments (the CSBDeep tile iterator's habit)."""
-        for ky in range(self.rows.count):
-            src_y, dst_y = self.rows.keep(ky)
-            for kx in range(self.cols.count):
-                src_x, dst_x = self.cols.keep(kx)
-                corner = (self.rows.window(ky)[0], self.cols.window(kx)[0])
-                yield corner, (src_y, src_x), (dst_y, dst_x)
-
-
-def max_stride(tile: int, geometry: Geometry) -> int:
-    """Output pixels a tile of edge `tile` may keep: what its context leaves, rounded down to
-    the pooling grid. Raises ConfigError when that is less than one grid step."""
-    stride = (tile - 2 * geometry.context) // geometry.grid * geometry.grid
-    if stride < geometry.grid:
-        raise ConfigError(
-            f"tile {tile} is too small for a U-Net of depth {geometry.depth} with "
-            f"{geometry.padding} padding: it needs at least {smallest_tile(geometry)}"
-        )
-    return stride
-
-
-def smallest_tile(geometry: Geometry) -> int:
-    """The smallest tile edge that keeps one grid step of output."""
-    return geometry.valid_tile(geometry.grid + 2 * geometry.context, "up")
-
-
-def _axis_plan(size: int, tile: int, geometry: Geometry, balance: bool) -> AxisPlan:
-    grid = geometry.grid
-    largest = max_stride(tile, geometry)
-    count = -(-size // largest)
-    if balance:
-        # As few tiles as `tile` allows, each shrunk to the smallest window whose stride still
-        # covers the axis: an image barely larger than one tile does not pay for two full ones.
-        per_tile = -(-size // count)  # ceil: the pixels each tile must keep
-        stride = -(-per_tile // grid) * grid  # ... rounded up to the pooling grid
-        window = geometry.valid_tile(stride + 2 * geometry.context, "up")
-    else:
-        stride, window = largest, tile
-    return AxisPlan(size=size, tile=window, stride=stride, count=count,
-                    context=geometry.context, crop=geometry.crop)
-
-
-def tile_plan(height: int, width: int, tile: int, geometry: Geometry, balance: bool = True) -> TilePlan:
-    """The overlap-tile plan for an image of height x width (paper section 2, Figure 2).
-
-    `tile` is the largest input window edge, a valid input size for the geometry. Along each
-    axis the plan uses as few tiles as `tile` allows; with `balance` it then shrinks them to
-    the smallest valid window whose output stride, a multiple of 2**depth, still covers the
-    axis (so an image smaller than one tile gets one small window, and tiles may be
-    rectangular). Every image pixel is kept from exactly one tile.
-    """
-    if height < 1 or width < 1:
-        raise ConfigError(f"cannot tile an empty image of {height} x {width}")
-    geometry.check_tile(tile)
-    return TilePlan(_axis_plan(height, tile, geometry, balance), _axis_plan(width, tile, geometry, balance))
 
 
 def predict_tiled_bands(
@@ -399,24 +223,14 @@ def tiled_forward(model, image, tile: int, batch_size: int = 4, output: str = "f
 
     geometry = Geometry.of_model(model)
     geometry.check_tile(tile)
-    grid, ctx, crop = geometry.grid, geometry.context, geometry.crop
-    largest = max_stride(tile, geometry)
-    lattice = geometry.valid_tile(1)  # valid sizes: lattice + grid * j
+    ctx, crop = geometry.context, geometry.crop
     balance = not needs_static_shapes(geometry)
 
     image = tf.convert_to_tensor(image, tf.float32)
     height, width = tf.shape(image)[0], tf.shape(image)[1]
-
-    def axis(n):  # _axis_plan in tensor arithmetic
-        count = (n + largest - 1) // largest
-        if not balance:
-            return count, tf.constant(largest), tf.constant(tile)
-        stride = ((n + count - 1) // count + grid - 1) // grid * grid
-        window = lattice + tf.maximum(stride + 2 * ctx - lattice + grid - 1, 0) // grid * grid
-        return count, stride, window
-
-    ny, sy, th = axis(height)
-    nx, sx, tw = axis(width)
+    # tile_plan's own arithmetic, on the run-time height and width.
+    ny, sy, th = axis_steps(height, tile, geometry, balance)
+    nx, sx, tw = axis_steps(width, tile, geometry, balance)
     total = ny * nx
 
     def cut(first):
