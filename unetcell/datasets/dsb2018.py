@@ -45,7 +45,9 @@ def merged_masks(folder: Path, shape: tuple[int, int]) -> np.ndarray:
     for k, path in enumerate(paths, start=1):
         mask = read_mask(path)
         if mask.shape != shape:
-            raise DataError(f"{path}: mask is {mask.shape[0]} x {mask.shape[1]} but its image is {shape[0]} x {shape[1]}")
+            raise DataError(
+                f"{path}: mask is {mask.shape[0]} x {mask.shape[1]} but its image is {shape[0]} x {shape[1]}"
+            )
         inside = mask > 0
         overlap = np.unique(labels[inside & (labels > 0)])
         if overlap.size:
