@@ -40,6 +40,7 @@ def main() -> None:
       unetcell predict runs/demo/model.keras slide.tif -o probs.tif
       unetcell evaluate data/test --model runs/demo/model.keras
       unetcell export runs/demo/model.keras serving/cells/1
+      unetcell train tfds:isbi2012 --manual-dir isbi/ --out runs/isbi   a public data set
     """
 
 
@@ -72,9 +73,11 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 
 
 @main.command()
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=click.Path(file_okay=False))
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @config_option
+@click.option("--manual-dir", type=click.Path(exists=True, file_okay=False),
+              help="For DATA tfds:NAME[/CONFIG][:SPLIT]: the folder with the data set's own files.")
 @click.option("--epochs", type=int)
 @click.option("--steps-per-epoch", type=int)
 @click.option("--batch-size", type=int)
@@ -91,10 +94,15 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--save-targets", is_flag=True, help="Write PNGs of the class and weight maps to RUN/targets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
-def train(data, run_dir, config_path, epochs, steps_per_epoch, batch_size, tile, filters, depth,
+def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch_size, tile, filters, depth,
           padding, learning_rate, optimizer, val_fraction, seed, deterministic, no_augment,
           resume, save_targets, overwrite):
-    """Train a U-Net on DATA (images/ and masks/) and write the run to --out."""
+    """Train a U-Net on DATA (images/ and masks/) and write the run to --out.
+
+    DATA may also be a public data set, tfds:NAME[/CONFIG][:SPLIT] with --manual-dir
+    (tfds:isbi2012, tfds:dsb2018, tfds:ctc2d/PhC-C2DH-U373, tfds:ctc2d/DIC-C2DH-HeLa;
+    tfds:isbi2012:train[:15] takes the first 15 examples).
+    """
     from .train import train as run_training
 
     # A resumed run continues with its own settings; options given now override them.
@@ -108,7 +116,8 @@ def train(data, run_dir, config_path, epochs, steps_per_epoch, batch_size, tile,
                   val_fraction=val_fraction, seed=seed, deterministic=deterministic)
         .override("augment", enabled=False if no_augment else None)
     )
-    run_training(data, run_dir, config, resume=resume, overwrite=overwrite, save_targets=save_targets)
+    run_training(data, run_dir, config, resume=resume, overwrite=overwrite, save_targets=save_targets,
+                 manual_dir=manual_dir)
 
 
 @main.command()
@@ -146,7 +155,9 @@ def predict(model, images, out, tile, batch_size, output, threshold, overlay, ov
 
 
 @main.command()
-@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.argument("data", type=click.Path(file_okay=False))
+@click.option("--manual-dir", type=click.Path(exists=True, file_okay=False),
+              help="For DATA tfds:NAME[/CONFIG][:SPLIT]: the folder with the data set's own files.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), help="Predict DATA's images with this model.")
 @click.option("--predictions", type=click.Path(exists=True, file_okay=False),
               help="Folder of label images matched by stem.")
@@ -154,8 +165,9 @@ def predict(model, images, out, tile, batch_size, output, threshold, overlay, ov
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False),
               help="Write a PNG per image of true and predicted contours.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def evaluate(data, model, predictions, json_path, overlay_dir, overwrite):
-    """Score predictions of DATA's images against DATA's masks.
+def evaluate(data, manual_dir, model, predictions, json_path, overlay_dir, overwrite):
+    """Score predictions of DATA's images against DATA's masks (DATA: a folder, or
+    tfds:NAME[/CONFIG][:SPLIT] with --manual-dir).
 
     Prints pixel accuracy, IoU, Dice, AP and F1 at IoU 0.5, mean AP over IoU 0.5:0.95 and the
     adapted Rand error per image and pooled over all images (counts summed).
@@ -168,7 +180,7 @@ def evaluate(data, model, predictions, json_path, overlay_dir, overwrite):
     if json_path:
         check_writable(json_path, overwrite)  # before the work, not after it
     result = evaluate_folder(data, predictions=predictions, model=model,
-                             overlay_dir=overlay_dir, overwrite=overwrite)
+                             overlay_dir=overlay_dir, overwrite=overwrite, manual_dir=manual_dir)
     click.echo(format_table(result))
     if json_path:
         write_json(result, json_path, overwrite=overwrite)
@@ -209,6 +221,22 @@ def export(model, out, tile, batch_size, check, overwrite):
         if not worst <= CHECK_TOLERANCE:
             raise UnetcellError(f"{written}: served probabilities differ from predict by "
                                 f"{worst:.1e} (more than {CHECK_TOLERANCE:.0e})")
+
+
+@main.command()
+@click.argument("data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--manual-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The folder with the data set's own files.")
+@click.option("--overwrite", is_flag=True, help="Replace files that exist in OUT.")
+def convert(data, out, manual_dir, overwrite):
+    """Write a public data set, DATA = tfds:NAME[/CONFIG][:SPLIT], as a dataset folder:
+    OUT/images/<id>.tif in the source's pixel type, OUT/masks/<id>.tif uint16 instance labels."""
+    from .datasets.source import convert as convert_dataset
+
+    pairs = convert_dataset(data, manual_dir, out, overwrite=overwrite)
+    masks = sum(pair.labels is not None for pair in pairs)
+    click.echo(f"wrote {len(pairs)} images and {masks} masks to {out}")
 
 
 @main.command()

@@ -16,9 +16,8 @@ from . import targets
 from .config import Config, TargetsConfig
 from .errors import DataError
 from .files import atomic_path
-from .folders import Pair, discover_pairs  # noqa: F401  (re-exported: the folder API)
+from .folders import Pair, discover_pairs, find_pairs  # noqa: F401  (re-exported: the folder API)
 from .geometry import TileGeometry
-from .io import read_image, read_mask
 from .mirror import mirror_window
 from .normalize import normalize
 
@@ -106,8 +105,8 @@ def load_examples(
     """Read, check and normalise every pair; compute (or fetch) its targets."""
     examples, kinds, suspects, channels = [], set(), [], None
     for pair in pairs:
-        image = read_image(pair.image)
-        mask = read_mask(pair.mask)
+        image = pair.load_image()
+        mask = pair.load_mask()
         if image.shape[:2] != mask.shape:
             raise DataError(
                 f"{pair.mask}: mask is {mask.shape[0]} x {mask.shape[1]} but its image "

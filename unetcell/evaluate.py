@@ -54,8 +54,8 @@ from skimage.metrics import adapted_rand_error
 
 from .errors import DataError, UnetcellError
 from .files import check_writable, write_text_atomic
-from .folders import discover_pairs, files_by_stem
-from .io import read_image, read_mask
+from .folders import files_by_stem, find_pairs
+from .io import read_mask
 
 THRESHOLDS: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
@@ -312,8 +312,10 @@ def evaluate_folder(
     config=None,
     overlay_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    manual_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Score the predictions for a dataset folder (images/, masks/) against its masks.
+    """Score the predictions for a dataset folder (images/, masks/) against its masks; `data`
+    may be a `tfds:` data set read from `manual_dir` instead (`unetcell.folders.find_pairs`).
 
     The predictions are either label images in the folder `predictions`, matched to the masks
     by file stem (any of .tif, .tiff, .png), or made here by the saved `model` from the images
@@ -326,7 +328,7 @@ def evaluate_folder(
     """
     if (predictions is None) == (model is None):
         raise UnetcellError("evaluate needs exactly one of --model MODEL and --predictions DIR")
-    pairs = discover_pairs(data)
+    pairs = find_pairs(data, manual_dir)
     # Every missing file and every output in the way is reported before any work starts.
     files: dict[str, Path] = {}
     if predictions is not None:
@@ -353,8 +355,8 @@ def evaluate_folder(
 
     scores = []
     for pair in pairs:
-        truth = _instances(read_mask(pair.mask), pair.mask)
-        image = read_image(pair.image) if predictor is not None or overlays else None
+        truth = _instances(pair.load_mask(), pair.mask)
+        image = pair.load_image() if predictor is not None or overlays else None
         if predictor is not None:
             source = pair.image
             predicted = np.asarray(predictor.labels(image))

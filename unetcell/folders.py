@@ -3,7 +3,9 @@
     FOLDER/images/a.tif   8- or 16-bit, grayscale or multi-channel
     FOLDER/masks/a.tif    same stem, same height and width; instance labels or binary
 
-No TensorFlow here: evaluation and other tools find pairs without loading it.
+No TensorFlow here: evaluation and other tools find pairs without loading it. A
+`tfds:NAME[/CONFIG][:SPLIT]` source (`unetcell.datasets.source`) gives pairs with the same
+interface, and only it loads TensorFlow.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-from .io import is_image_file
+from .io import is_image_file, read_image, read_mask
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,14 @@ class Pair:
     stem: str
     image: Path
     mask: Path | None
+
+    def load_image(self):
+        """The image as H x W x C in its stored dtype."""
+        return read_image(self.image)
+
+    def load_mask(self):
+        """The mask as H x W int32 (binary masks as stored, split into cells later)."""
+        return read_mask(self.mask)
 
 
 def files_by_stem(folder: Path) -> dict[str, Path]:
@@ -72,3 +82,16 @@ def discover_pairs(folder: str | os.PathLike, require_masks: bool = True) -> lis
     if orphans:
         raise DataError(f"{masks[orphans[0]]}: a mask without an image of the same stem in {images_dir}")
     return [Pair(stem, images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def find_pairs(data: str | os.PathLike, manual_dir: str | os.PathLike | None = None,
+               require_masks: bool = True) -> list:
+    """The pairs of a dataset folder, or of a `tfds:NAME[/CONFIG][:SPLIT]` data set prepared
+    from `manual_dir` (only that one takes a manual folder)."""
+    if str(data).startswith("tfds:"):
+        from .datasets.source import tfds_pairs
+
+        return tfds_pairs(str(data), manual_dir, require_masks=require_masks)
+    if manual_dir is not None:
+        raise DataError(f"{data}: --manual-dir is for tfds: data sets; a folder is read as it is")
+    return discover_pairs(data, require_masks=require_masks)

@@ -32,7 +32,7 @@ from . import augment
 from .config import Config, save_config
 from .data import (
     TileGeometry,
-    discover_pairs,
+    find_pairs,
     load_examples,
     split_examples,
     training_dataset,
@@ -184,12 +184,13 @@ def seed_everything(config: Config) -> None:
 def train(
     data: str | os.PathLike, run_dir: str | os.PathLike, config: Config, resume: bool = False,
     overwrite: bool = False, save_targets: bool = False, strategy: tf.distribute.Strategy | None = None,
-    verbose: int = 1,
+    verbose: int = 1, manual_dir: str | os.PathLike | None = None,
 ) -> dict[str, float]:
-    """Train on a dataset folder and write the run; returns the last epoch's logs."""
+    """Train on a dataset folder (or a `tfds:` data set read from `manual_dir`) and write the
+    run; returns the last epoch's logs."""
     run_dir = Path(run_dir)
     _prepare_run_dir(run_dir, resume, overwrite)
-    pairs = discover_pairs(data)
+    pairs = find_pairs(data, manual_dir)
     seed_everything(config)
     examples, report = load_examples(pairs, config, cache_dir=run_dir / "cache")
     channels = examples[0].image.shape[2]
