@@ -90,7 +90,7 @@ def _disk_full(path: Path, tmp: Path, error: OSError, size_hint: int | None) -> 
         free = None
     need = f"about {_mib(size_hint)} needed" if size_hint else f"more than the {_mib(written)} written"
     have = f", {_mib(free)} free on that disk" if free is not None else ""
-    reason = os.strerror(error.errno) if error.errno else str(error)
+    reason = os.strerror(error.errno) if error.errno else "the disk is full or a file size limit was reached"
     return DiskFullError(
         f"{path}: could not be written, {reason.lower()} ({need}{have}); the partial file was "
         "removed. Free some space or write to another disk"
@@ -143,7 +143,11 @@ def _full_error(error: BaseException) -> OSError | None:
     such as h5py wrap it)."""
     seen = 0
     while error is not None and seen < 5:
-        if isinstance(error, OSError) and (error.errno in _FULL or "No space left" in str(error)):
+        if isinstance(error, OSError) and (
+            error.errno in _FULL or "No space left" in str(error)
+            # numpy's tofile reports a short write without an errno
+            or (error.errno is None and re.search(r"requested and \d+ written", str(error)))
+        ):
             return error
         error = error.__cause__ or error.__context__
         seen += 1

@@ -45,7 +45,7 @@ from .data import (
 from .errors import OutputExistsError, TrainingStopped, UnetcellError
 from .files import write_text_atomic
 from .losses import WeightedCrossEntropy, foreground_counts, pixel_losses
-from .model import build_unet, load_model, save_model, saved_entry
+from .model import build_unet, load_model, save_model, saved_config, saved_entry
 
 RUN_FILES = ("model.keras", "last.keras", "state.json", "history.csv", "config.toml")
 
@@ -138,7 +138,8 @@ class RunCheckpoint(keras.callbacks.Callback):
         """last.keras with the state inside it: `steps_done` steps into the next epoch (an
         interrupted epoch) whose losses summed to `loss_sum`."""
         state = {"epochs_done": epochs_done, "steps_done": steps_done, "loss_sum": loss_sum,
-                 "best": self.best if math.isfinite(self.best) else None}
+                 "best": self.best if math.isfinite(self.best) else None,
+                 "dropout_seeds": _seed_states(self.model)}
         text = json.dumps(state, indent=2)
         save_model(self.model, self.run_dir / "last.keras", self.config, overwrite=True,
                    extra={STATE_ENTRY: text})
@@ -205,6 +206,8 @@ def train(
     """Train on a dataset folder and write the run; returns the last epoch's logs."""
     run_dir = Path(run_dir)
     _prepare_run_dir(run_dir, resume, overwrite)
+    if resume and (run_dir / "last.keras").exists():  # before anything in the run is rewritten
+        _check_same_model(run_dir / "last.keras", saved_config(run_dir / "last.keras"), config)
     pairs = discover_pairs(data)
     seed_everything(config)
     examples, report = load_examples(pairs, config, cache_dir=run_dir / "cache")
@@ -233,8 +236,8 @@ def train(
         epochs_done, steps_done = int(state["epochs_done"]), int(state.get("steps_done", 0))
         loss_sum = float(state.get("loss_sum", 0.0))
         best = state["best"] if state.get("best") is not None else math.inf
-        model, saved = load_model(run_dir / "last.keras", compile=True)
-        _check_same_model(run_dir / "last.keras", saved, config)
+        model, _ = load_model(run_dir / "last.keras", compile=True)
+        _restore_seed_states(model, state.get("dropout_seeds", {}))
         _trim_history(run_dir / "history.csv", epochs_done)
         if epochs_done >= config.train.epochs:
             _say(verbose, f"nothing to resume: {run_dir} has finished {epochs_done} of "
@@ -345,6 +348,22 @@ def _diverged(run_dir: Path, loss: float, epoch: int, step: int, config: Config)
             f"{kept}. {advice} (now {config.train.learning_rate:g})")
 
 
+def _seed_states(model: keras.Model) -> dict[str, list[int]]:
+    """The random state of each dropout layer: Keras keeps it outside the model's weights, and
+    a resumed run must draw the dropout masks an uninterrupted run would have drawn."""
+    return {
+        layer.name: [int(v) for v in keras.ops.convert_to_numpy(layer.seed_generator.state)]
+        for layer in model.layers if getattr(layer, "seed_generator", None) is not None
+    }
+
+
+def _restore_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
+    for layer in model.layers:
+        generator = getattr(layer, "seed_generator", None)
+        if generator is not None and layer.name in states:
+            generator.state.assign(np.asarray(states[layer.name], dtype=generator.state.dtype))
+
+
 def _resume_state(run_dir: Path) -> dict:
     """The state saved inside last.keras (state.json for runs from before it was)."""
     text = saved_entry(run_dir / "last.keras", STATE_ENTRY)
@@ -356,8 +375,10 @@ def _resume_state(run_dir: Path) -> dict:
         raise UnetcellError(f"{run_dir / 'last.keras'}: holds no training state to resume from") from None
 
 
-def _check_same_model(path: Path, saved: Config, config: Config) -> None:
+def _check_same_model(path: Path, saved: Config | None, config: Config) -> None:
     """A resumed run keeps its network: refuse options that would describe another one."""
+    if saved is None:
+        return
     changed = [
         f"{name} {getattr(saved.model, name)} in the checkpoint, {getattr(config.model, name)} asked"
         for name in saved.model.__dataclass_fields__
