@@ -6,6 +6,7 @@ Images come back as H x W x C arrays in their stored dtype (normalisation is a s
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,10 @@ import tifffile
 
 from .errors import ConfigError, DataError
 from .files import atomic_path, check_writable
+
+# tifffile logs what it finds wrong in a file before raising; the DataError that follows says it
+# in one line naming the file, so its log lines would only repeat it in another voice.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = TIFF_SUFFIXES + (".png", ".jpg", ".jpeg", ".bmp")
