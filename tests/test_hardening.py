@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from unetcell import io as uio
 from unetcell.cli import main
 from unetcell.config import Config
-from unetcell.data import read_pairs
+from unetcell.data import load_examples, read_pairs
 from unetcell.errors import ConfigError, DataError
 from unetcell.files import atomic_path, remove_stale_temporaries
 from unetcell.folders import discover_pairs
@@ -164,9 +164,9 @@ def test_all_problems_of_a_folder_in_one_message(tmp_path):
 def test_an_empty_mask_among_others_is_reported_not_refused(tmp_path):
     data = _folder(tmp_path / "d")
     tifffile.imwrite(data / "masks" / "c1.tif", np.zeros((64, 64), np.uint8))
-    result = _cli(["train", data, "--out", tmp_path / "run", *TINY_ARGS, "--epochs", "1"])
-    assert result.exit_code == 0, result.output
-    assert "1 all-zero mask(s)" in result.output and "c1.tif" in result.output
+    examples, report = load_examples(discover_pairs(data), TINY)
+    assert len(examples) == 3 and report.empty == ["c1.tif"]
+    assert "1 all-zero mask(s) taught as images without cells: c1.tif" in report.describe()
 
 
 def test_config_typo_names_the_file_and_the_key(tmp_path):
@@ -182,6 +182,7 @@ def test_config_typo_names_the_file_and_the_key(tmp_path):
 
 # --- channels ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_channels_gray_trains_on_mixed_folders_and_predict_applies_it(tmp_path):
     data = _folder(tmp_path / "d")
     gray = np.random.default_rng(5).integers(30, 200, (64, 64)).astype(np.uint8)
@@ -370,8 +371,10 @@ def test_an_interrupted_predict_leaves_nothing_and_the_next_run_is_clean(tiny_mo
     tifffile.imwrite(image, np.random.default_rng(0).integers(0, 255, (2000, 2000), dtype=np.uint8))
     out = tmp_path / "out"
     out.mkdir()
+    # A shell's background job inherits an ignored SIGINT; give the child Python's usual one.
     proc = subprocess.Popen(CLI + ["predict", str(tiny_model), str(image), "-o", str(out / "p.tif")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert _wait_for(lambda: list(out.glob(".p.*.tif")) and list(out.glob(".p.*.tif"))[0].stat().st_size > 0)
     proc.send_signal(how)
     _, err = proc.communicate(timeout=60)
@@ -389,6 +392,7 @@ def _history(run):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_epoch_saves_and_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
     data = _folder(tmp_path / "d")
     args = ["train", data, "--filters", "4", "--depth", "2", "--tile", "60", "--steps-per-epoch", "3",
@@ -419,6 +423,7 @@ def test_ctrl_c_mid_epoch_saves_and_resume_ends_where_an_uninterrupted_run_does(
         np.testing.assert_allclose(float(a["val_loss"]), float(b["val_loss"]), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, monkeypatch):
     import tensorflow as tf
 
