@@ -26,7 +26,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except UnetcellError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            sys.exit(getattr(e, "exit_code", 1))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,13 +89,14 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]))
 @click.option("--val-fraction", type=float, help="Share of images (or of a single image) held out; 0: none.")
 @click.option("--seed", type=int)
+@click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); kept with the model.")
 @click.option("--deterministic", is_flag=True, default=None, help="TensorFlow op determinism.")
 @click.option("--no-augment", is_flag=True, help="Train on plain tiles.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--save-targets", is_flag=True, help="Write PNGs of the class and weight maps to RUN/targets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch_size, tile, filters, depth,
-          padding, learning_rate, optimizer, val_fraction, seed, deterministic, no_augment,
+          padding, learning_rate, optimizer, val_fraction, seed, channels, deterministic, no_augment,
           resume, save_targets, overwrite):
     """Train a U-Net on DATA (images/ and masks/) and write the run to --out.
 
@@ -110,7 +111,7 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
         config_path = os.path.join(run_dir, "config.toml")
     config = (
         _load(config_path)
-        .override("model", filters=filters, depth=depth, padding=padding)
+        .override("model", filters=filters, depth=depth, padding=padding, pick_channels=channels)
         .override("train", epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
                   tile=tile, learning_rate=learning_rate, optimizer=optimizer,
                   val_fraction=val_fraction, seed=seed, deterministic=deterministic)
@@ -129,9 +130,10 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
 @click.option("--output", type=click.Choice(["probabilities", "labels", "both"]), default="probabilities",
               show_default=True, help="Foreground probabilities, instance labels, or both.")
 @click.option("--threshold", type=float, help="Foreground probability for labels.")
+@click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); default: as in training.")
 @click.option("--overlay", is_flag=True, help="Also write an overlay PNG of predicted contours.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def predict(model, images, out, tile, batch_size, output, threshold, overlay, overwrite):
+def predict(model, images, out, tile, batch_size, output, threshold, channels, overlay, overwrite):
     """Segment IMAGES of any size with the overlap-tile strategy.
 
     Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
@@ -144,7 +146,8 @@ def predict(model, images, out, tile, batch_size, output, threshold, overlay, ov
     from .predict import predict_files
 
     config = (saved_config(model) or Config()).override(
-        "predict", tile=tile, batch_size=batch_size, threshold=threshold)
+        "predict", tile=tile, batch_size=batch_size, threshold=threshold).override(
+        "model", pick_channels=channels)
     results = predict_files(model, images, out, config, output=output, overlay=overlay,
                             overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
     for result in results:

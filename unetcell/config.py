@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -39,6 +40,9 @@ class ModelConfig:
     """The U-Net (paper section 2, Figure 1). The defaults are the paper's network."""
 
     channels: int = 1  # input channels
+    # --channels, applied to every image in train, predict and evaluate before the model sees
+    # it: "" all channels as stored, "0,2" these in this order, "gray" the mean of all.
+    pick_channels: str = ""
     classes: int = 2  # background and cell
     filters: int = 64  # channels of the first level; doubled at each pooling
     depth: int = 4  # number of 2x2 poolings
@@ -49,6 +53,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self.channels >= 1, f"model.channels must be >= 1. Received: {self.channels}")
+        _check(
+            re.fullmatch(r"(gr[ae]y|\d+(\s*,\s*\d+)*)?", self.pick_channels.strip().lower()) is not None,
+            "model.pick_channels (--channels) must be 'gray' or channel indices separated by "
+            f"commas, e.g. '0,2'. Received: {self.pick_channels!r}",
+        )
         _check(self.classes >= 2, f"model.classes must be >= 2. Received: {self.classes}")
         _check(self.filters >= 1, f"model.filters must be >= 1. Received: {self.filters}")
         _check(1 <= self.depth <= 6, f"model.depth must be in 1..6. Received: {self.depth}")

@@ -6,7 +6,7 @@ naming the file (`unetcell.folders` finds the pairs).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from .errors import DataError
 from .files import atomic_path
 from .folders import Pair, discover_pairs, find_pairs  # noqa: F401  (re-exported: the folder API)
 from .geometry import TileGeometry
+from .io import select_channels
 from .mirror import mirror_window
 from .normalize import normalize
 
@@ -81,9 +82,13 @@ class MaskReport:
     kind: str  # "instance" | "binary" | "mixed"
     cells: int
     merged_suspects: list[str]  # binary masks whose components look like merged cells
+    empty: list[str] = field(default_factory=list)  # all-zero masks: images without cells
 
     def describe(self) -> str:
         text = f"{self.kind} masks, {self.cells} cells"
+        if self.empty:
+            text += (f"; {len(self.empty)} all-zero mask(s) taught as images without cells: "
+                     f"{', '.join(self.empty[:5])}")
         if self.merged_suspects:
             text += (
                 f"; binary masks with unusually large components (touching cells merged?): "
@@ -99,34 +104,74 @@ def _looks_merged(labels: np.ndarray) -> bool:
     return areas.size >= 3 and areas.max() > 3.0 * np.median(areas)
 
 
+def read_pairs(
+    pairs: list[Pair], pick_channels: str = ""
+) -> list[tuple[Pair, np.ndarray, np.ndarray]]:
+    """(pair, image, mask) of every pair, `--channels` applied, after checking them all:
+    every unreadable file, size mismatch, bad mask and odd channel count of the folder is
+    reported together in one DataError, so a user fixes them in one pass."""
+    problems, loaded = [], []
+    for pair in pairs:
+        image = mask = None
+        try:
+            image = select_channels(pair.load_image(), pick_channels, pair.image)
+        except DataError as e:
+            problems.append(str(e))
+        try:
+            mask = pair.load_mask()
+        except DataError as e:
+            problems.append(str(e))
+        if image is None or mask is None:
+            continue
+        if image.shape[:2] != mask.shape:
+            problems.append(
+                f"{pair.mask}: mask is {mask.shape[0]} x {mask.shape[1]} but its image "
+                f"{pair.image.name} is {image.shape[0]} x {image.shape[1]}"
+            )
+            continue
+        loaded.append((pair, image, mask))
+    counts: dict[int, list[str]] = {}
+    for pair, image, _ in loaded:
+        counts.setdefault(image.shape[2], []).append(pair.image.name)
+    if len(counts) > 1:
+        usual = max(counts, key=lambda c: len(counts[c]))
+        for c, names in sorted(counts.items()):
+            if c != usual:
+                shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                problems.append(
+                    f"{pairs[0].image.parent}: {shown} {'has' if len(names) == 1 else 'have'} {c} "
+                    f"channel(s) but {len(counts[usual])} other image(s) have {usual}; pass "
+                    "--channels gray to average colour to one channel, or --channels 0 (or 0,1,2 "
+                    "...) to pick channels every image has"
+                )
+    if loaded and not problems and all(not mask.any() for _, _, mask in loaded):
+        problems.append(
+            f"{pairs[0].mask.parent}: every mask is all zero (no cells to learn); masks hold 0 "
+            "for background and 1..N (or 255) for cells"
+        )
+    if problems:
+        raise DataError.collect(problems, str(pairs[0].image.parent.parent))
+    return loaded
+
+
 def load_examples(
     pairs: list[Pair], config: Config, cache_dir: Path | None = None
 ) -> tuple[list[Example], MaskReport]:
     """Read, check and normalise every pair; compute (or fetch) its targets."""
-    examples, kinds, suspects, channels = [], set(), [], None
-    for pair in pairs:
-        image = pair.load_image()
-        mask = pair.load_mask()
-        if image.shape[:2] != mask.shape:
-            raise DataError(
-                f"{pair.mask}: mask is {mask.shape[0]} x {mask.shape[1]} but its image "
-                f"{pair.image.name} is {image.shape[0]} x {image.shape[1]}"
-            )
-        if channels is None:
-            channels = image.shape[2]
-        elif image.shape[2] != channels:
-            raise DataError(
-                f"{pair.image}: has {image.shape[2]} channel(s), the images before it have {channels}"
-            )
+    examples, kinds, suspects, empty = [], set(), [], []
+    for pair, image, mask in read_pairs(pairs, config.model.pick_channels):
         binary = targets.is_binary(mask)
         kinds.add("binary" if binary else "instance")
+        if not mask.any():
+            empty.append(pair.mask.name)
         labels = targets.as_instances(mask, source=str(pair.mask))
         if binary and _looks_merged(labels):
             suspects.append(pair.mask.name)
         classes, weights = compute_targets(labels, config.targets, cache_dir)
         examples.append(Example(pair.stem, normalize(image, config.normalize), classes, weights, labels))
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
-    return examples, MaskReport(kind, sum(int(len(np.unique(e.labels))) - 1 for e in examples), suspects)
+    cells = sum(int(len(np.unique(e.labels))) - 1 for e in examples)
+    return examples, MaskReport(kind, cells, suspects, empty)
 
 
 def split_examples(

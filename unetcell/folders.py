@@ -62,25 +62,28 @@ def discover_pairs(folder: str | os.PathLike, require_masks: bool = True) -> lis
     images_dir, masks_dir = folder / "images", folder / "masks"
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
+    if not any(folder.iterdir()):
+        raise DataError(f"{folder}: the folder is empty; expected images/ and masks/ in it "
+                        "(see data/README.md for the format)")
     if not images_dir.is_dir():
         raise DataError(f"{folder}: expected an images/ folder (see data/README.md for the format)")
     images = files_by_stem(images_dir)
     if not images:
-        raise DataError(f"{images_dir}: no images (.tif, .tiff, .png, .jpg)")
+        raise DataError(f"{images_dir}: the folder is empty, no images (.tif, .tiff, .png, .jpg)")
     if not require_masks and not masks_dir.is_dir():
         return [Pair(stem, path, None) for stem, path in images.items()]
     if not masks_dir.is_dir():
         raise DataError(f"{folder}: expected a masks/ folder beside images/")
     masks = files_by_stem(masks_dir)
-    missing = sorted(set(images) - set(masks))
-    if missing:
-        raise DataError(
-            f"{images_dir / images[missing[0]].name}: no mask with the stem {missing[0]!r} in "
-            f"{masks_dir}" + (f" (and {len(missing) - 1} more images without masks)" if len(missing) > 1 else "")
-        )
-    orphans = sorted(set(masks) - set(images))
-    if orphans:
-        raise DataError(f"{masks[orphans[0]]}: a mask without an image of the same stem in {images_dir}")
+    problems = [
+        f"{images[stem]}: no mask with the stem {stem!r} in {masks_dir}"
+        for stem in sorted(set(images) - set(masks))
+    ] + [
+        f"{masks[stem]}: a mask without an image of the same stem in {images_dir}"
+        for stem in sorted(set(masks) - set(images))
+    ]
+    if problems:
+        raise DataError.collect(problems, str(folder))
     return [Pair(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
 

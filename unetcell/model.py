@@ -11,6 +11,7 @@ which training, prediction and the serving graph share; it is re-exported here.
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
+from . import __version__
 from .config import Config, ModelConfig, config_from_dict, config_to_toml
 from .errors import DataError
 from .files import atomic_path, check_writable
@@ -26,6 +28,13 @@ from .geometry import is_valid_input_size, margin, output_size, valid_input_size
 # The unetcell settings (normalisation, targets, prediction) travel inside the .keras file, so
 # `unetcell predict MODEL` needs nothing else; Keras ignores zip entries it does not know.
 CONFIG_ENTRY = "unetcell_config.toml"
+
+# Which unetcell wrote a model, and the format of what it put inside the .keras file besides
+# Keras' own entries (the config, the layers it registers). Bump MODEL_FORMAT when a model
+# saved by this version cannot be read by an older one; models from before the entry existed
+# are format 1.
+VERSION_ENTRY = "unetcell_version.json"
+MODEL_FORMAT = 1
 
 
 def build_unet(config: ModelConfig | None = None, name: str = "unet") -> keras.Model:
@@ -112,15 +121,50 @@ class CenterCrop2D(layers.Layer):
 
 def save_model(
     model: keras.Model, path: str | os.PathLike, config: Config, overwrite: bool = False,
-    include_optimizer: bool = True,
+    include_optimizer: bool = True, extra: dict[str, str] | None = None,
 ) -> Path:
-    """Save a .keras file atomically, with the unetcell config inside it."""
+    """Save a .keras file atomically, with the unetcell config and version inside it (and the
+    `extra` entries, such as a checkpoint's training state, so they are renamed together)."""
     path = check_writable(path, overwrite)
     with atomic_path(path) as tmp:
         model.save(tmp, include_optimizer=include_optimizer)
         with zipfile.ZipFile(tmp, "a") as archive:
             archive.writestr(CONFIG_ENTRY, config_to_toml(config))
+            archive.writestr(VERSION_ENTRY, json.dumps({"unetcell": __version__, "format": MODEL_FORMAT}))
+            for name, text in (extra or {}).items():
+                archive.writestr(name, text)
     return path
+
+
+def _check_version(path: Path, archive: zipfile.ZipFile) -> None:
+    """Refuse a model whose format this unetcell cannot read, saying which version is needed."""
+    if VERSION_ENTRY not in archive.namelist():
+        return  # written before versions were stored: format 1
+    try:
+        saved = json.loads(archive.read(VERSION_ENTRY).decode())
+        fmt, version = int(saved["format"]), str(saved["unetcell"])
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path}: its {VERSION_ENTRY} is damaged; the file is not a usable unetcell model") from None
+    if fmt > MODEL_FORMAT:
+        raise DataError(
+            f"{path}: was saved by unetcell {version} (model format {fmt}); this is unetcell "
+            f"{__version__}, which reads model format {MODEL_FORMAT}: install unetcell >= {version} "
+            f"(pip install -U 'unetcell>={version}') to use it"
+        )
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def saved_entry(path: str | os.PathLike, name: str) -> str | None:
+    """The text of an entry unetcell stored inside a .keras file (None when absent)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(name).decode() if name in archive.namelist() else None
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
 
 
 def saved_config(path: str | os.PathLike) -> Config | None:
@@ -131,13 +175,19 @@ def saved_config(path: str | os.PathLike) -> Config | None:
     path = Path(path)
     if path.suffix != ".keras":
         raise DataError(f"{path}: expected a .keras model file written by `unetcell train`")
+    if not path.is_file():
+        raise DataError(f"{path}: no such model file")
     try:
         with zipfile.ZipFile(path) as archive:
+            _check_version(path, archive)
             if CONFIG_ENTRY not in archive.namelist():
                 return None
             text = archive.read(CONFIG_ENTRY).decode()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot be loaded as a Keras model ({e})") from None
+        raise DataError(
+            f"{path}: is not a Keras model (a .keras file is a zip archive written by Keras; "
+            f"{_first_line(e)})"
+        ) from None
     return config_from_dict(tomllib.loads(text), source=f"{path}:{CONFIG_ENTRY}")
 
 
@@ -147,8 +197,14 @@ def load_model(path: str | os.PathLike, compile: bool = False) -> tuple[keras.Mo
     config = saved_config(path)
     try:
         model = keras.saving.load_model(path, compile=compile, safe_mode=True)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot be loaded as a Keras model ({e})") from None
+    except Exception as e:  # Keras raises many types for a file it cannot rebuild
+        if "Lambda" in str(e) or "safe_mode" in str(e):
+            raise DataError(
+                f"{path}: contains a Lambda layer (arbitrary Python code), which unetcell refuses "
+                "to load (Keras safe mode): models from `unetcell train` have none; rebuild the "
+                "model without Lambda layers, or use a file from a source you trust"
+            ) from None
+        raise DataError(f"{path}: cannot be loaded as a Keras model ({_first_line(e)})") from None
     if config is None:
         # A plain Keras U-Net: take its channels and classes from its shapes.
         config = Config().override(

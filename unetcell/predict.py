@@ -30,11 +30,19 @@ from .config import Config
 from .errors import ConfigError, DataError
 from .files import check_writable
 from .geometry import DEFAULT_OUTPUT_EDGE, default_tile  # noqa: F401  (re-exported)
-from .io import TIFF_SUFFIXES
+from .io import TIFF_SUFFIXES, check_finite
 from .normalize import apply_normalization, percentiles
 from .overlay import display_stride
 from .postprocess import instances
-from .slides import Slide, array_bands, as_slide, open_slide, write_tiled_tiff
+from .slides import (
+    PickedSlide,
+    Slide,
+    array_bands,
+    as_slide,
+    open_slide,
+    pick_channels,
+    write_tiled_tiff,
+)
 from .tiling import Geometry, TilePlan, forward_fn, predict_tiled_bands, smallest_tile, tile_plan
 
 OUTPUTS = ("probabilities", "labels", "both")
@@ -127,10 +135,17 @@ class Predictor:
     def _check_channels(self, slide: Slide) -> None:
         if slide.shape[2] != self.channels:
             where = f"{slide.path}: " if slide.path else ""
+            picked = self.config.model.pick_channels
+            after = f" after --channels {picked}" if picked else ""
             raise DataError(
-                f"{where}has {slide.shape[2]} channel(s) but the model was trained on "
-                f"{self.channels}; give images with {self.channels} channel(s)"
+                f"{where}has {slide.shape[2]} channel(s){after} but the model was trained on "
+                f"{self.channels}; give images with {self.channels} channel(s), or pick them "
+                "with --channels (e.g. --channels 0 or --channels gray)"
             )
+
+    def _picked(self, slide: Slide) -> Slide:
+        """`slide` with the model's `--channels` applied (or the one given to predict)."""
+        return slide if isinstance(slide, PickedSlide) else pick_channels(slide, self.config.model.pick_channels)
 
     def probability_bands(
         self, slide: Slide | np.ndarray, on_batch: Callable[[int], None] | None = None
@@ -138,13 +153,15 @@ class Predictor:
         """The foreground probability of `slide`, float32, as bands (first_row, rows x W) from
         top to bottom. Percentiles come once from the whole slide (a strided sample), never
         per tile, so tiles agree at their seams."""
-        slide = as_slide(slide)
+        slide = self._picked(as_slide(slide))
         self._check_channels(slide)
         low, high = percentiles(slide, self.config.normalize)
         plan = self.plan(slide.shape[0], slide.shape[1])
 
         def read_rows(start: int, stop: int) -> np.ndarray:
-            return apply_normalization(slide.rows(start, stop), low, high)
+            rows = slide.rows(start, stop)
+            check_finite(rows, slide.path, first_row=start)
+            return apply_normalization(rows, low, high)
 
         return predict_tiled_bands(read_rows, plan, self.predict_fn, self.batch_size, on_batch)
 
@@ -183,6 +200,7 @@ class Predictor:
         for path in outputs:
             check_writable(path, overwrite)
         slide = open_slide(source) if isinstance(source, (str, os.PathLike)) else as_slide(source)
+        slide = self._picked(slide)
         with slide:
             self._check_channels(slide)
             height, width = slide.shape[:2]

@@ -34,7 +34,16 @@ import tifffile
 
 from .errors import DataError
 from .files import atomic_path, check_writable
-from .io import CHANNEL_AXES, TIFF_SUFFIXES, kept_axes, read_image
+from .io import (
+    CHANNEL_AXES,
+    TIFF_SUFFIXES,
+    channels_after,
+    check_tiff_size,
+    kept_axes,
+    parse_channels,
+    read_image,
+    select_channels,
+)
 
 _BAND_ROWS = 256  # rows per read when a sample of the slide is gathered
 
@@ -133,6 +142,7 @@ class _TiffSlide(Slide):
             series = self._tif.series[0]
             axes, shape = series.axes, tuple(series.shape)
             keep = kept_axes(path, axes, shape)
+            check_tiff_size(path, series, in_memory=False)
             self._axes, self._stored_shape = axes, shape
             self._y = axes.index("Y")
             # Stored axes -> Y, X, channel: the transpose that read_image applies.
@@ -235,6 +245,30 @@ class _TiffSlide(Slide):
             self._tif = None
 
 
+class PickedSlide(Slide):
+    """A slide with `--channels` applied to every band it reads (see `io.select_channels`)."""
+
+    def __init__(self, slide: Slide, spec: str):
+        self.slide, self.spec, self.path = slide, spec, slide.path
+        height, width, stored = slide.shape
+        self.shape = (height, width, channels_after(spec, stored, slide.path))
+        self.dtype = np.dtype(np.float32) if parse_channels(spec) == "gray" else slide.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return select_channels(self.slide.rows(start, stop), self.spec, self.path)
+
+    def _rows_at(self, index: np.ndarray) -> np.ndarray:
+        return select_channels(self.slide._rows_at(index), self.spec, self.path)
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+def pick_channels(slide: Slide, spec: str | None) -> Slide:
+    """`slide` with `--channels spec` applied; the slide itself when spec keeps every channel."""
+    return slide if parse_channels(spec) is None else PickedSlide(slide, spec)
+
+
 def open_slide(path: str | os.PathLike) -> Slide:
     """The image at `path` as a `Slide`: lazy for TIFF, read whole for other formats."""
     path = Path(path)
@@ -266,7 +300,7 @@ def write_tiled_tiff(
     height, width = shape
     dtype = np.dtype(dtype)
     bigtiff = height * width * dtype.itemsize > 2**31 - 2**25  # headroom for the tile tables
-    with atomic_path(path) as tmp:
+    with atomic_path(path, size_hint=height * width * dtype.itemsize) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tiff:
             tiff.write(
                 _tiff_tiles(bands, shape, dtype, tile), shape=(height, width), dtype=dtype,

@@ -8,7 +8,8 @@ and TensorBoard logs, the progress bar) lives in Keras callbacks.
 
 A run folder holds:
     model.keras     the best model by validation loss (the last one without validation)
-    last.keras      the last epoch's model and optimizer, which --resume continues from
+    last.keras      the last epoch's model and optimizer, which --resume continues from, with
+                    the training state inside (so a kill -9 never leaves them out of step)
     state.json      the number of finished epochs and the best validation loss so far
     history.csv     one row per epoch: loss, val_loss, val_iou, val_pixel_accuracy
     logs/           TensorBoard
@@ -18,10 +19,13 @@ A run folder holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 
 import keras
@@ -38,12 +42,15 @@ from .data import (
     training_dataset,
     validation_dataset,
 )
-from .errors import OutputExistsError, UnetcellError
+from .errors import OutputExistsError, TrainingStopped, UnetcellError
 from .files import write_text_atomic
 from .losses import WeightedCrossEntropy, foreground_counts, pixel_losses
-from .model import build_unet, load_model, save_model
+from .model import build_unet, load_model, save_model, saved_config, saved_entry
 
 RUN_FILES = ("model.keras", "last.keras", "state.json", "history.csv", "config.toml")
+
+# The training state saved inside last.keras (and copied to state.json for people to read).
+STATE_ENTRY = "unetcell_state.json"
 
 
 def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
@@ -125,9 +132,18 @@ class RunCheckpoint(keras.callbacks.Callback):
                 self.best = float(current)
             save_model(self.model, self.run_dir / "model.keras", self.config, overwrite=True,
                        include_optimizer=False)
-        save_model(self.model, self.run_dir / "last.keras", self.config, overwrite=True)
-        state = {"epochs_done": epoch + 1, "best": self.best if math.isfinite(self.best) else None}
-        write_text_atomic(self.run_dir / "state.json", json.dumps(state, indent=2))
+        self.save_last(epoch + 1)
+
+    def save_last(self, epochs_done: int, steps_done: int = 0, loss_sum: float = 0.0) -> None:
+        """last.keras with the state inside it: `steps_done` steps into the next epoch (an
+        interrupted epoch) whose losses summed to `loss_sum`."""
+        state = {"epochs_done": epochs_done, "steps_done": steps_done, "loss_sum": loss_sum,
+                 "best": self.best if math.isfinite(self.best) else None,
+                 "dropout_seeds": _seed_states(self.model)}
+        text = json.dumps(state, indent=2)
+        save_model(self.model, self.run_dir / "last.keras", self.config, overwrite=True,
+                   extra={STATE_ENTRY: text})
+        write_text_atomic(self.run_dir / "state.json", text)
 
 
 class ValidationImages(keras.callbacks.Callback):
@@ -161,7 +177,8 @@ class ValidationImages(keras.callbacks.Callback):
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     existing = [name for name in RUN_FILES if (run_dir / name).exists()]
     if resume:
-        if not (run_dir / "last.keras").exists():
+        # A run killed in its first epoch has its config.toml but no checkpoint yet.
+        if not (run_dir / "last.keras").exists() and not (run_dir / "config.toml").exists():
             raise UnetcellError(f"{run_dir}: nothing to resume (no last.keras); start a new run")
         return
     if existing and not overwrite:
@@ -190,6 +207,8 @@ def train(
     run; returns the last epoch's logs."""
     run_dir = Path(run_dir)
     _prepare_run_dir(run_dir, resume, overwrite)
+    if resume and (run_dir / "last.keras").exists():  # before anything in the run is rewritten
+        _check_same_model(run_dir / "last.keras", saved_config(run_dir / "last.keras"), config)
     pairs = find_pairs(data, manual_dir)
     seed_everything(config)
     examples, report = load_examples(pairs, config, cache_dir=run_dir / "cache")
@@ -208,22 +227,31 @@ def train(
     if save_targets:
         _save_target_figures(pairs, examples, run_dir / "targets", config)
 
-    epochs_done, best = 0, math.inf
+    epochs_done, steps_done, loss_sum, best = 0, 0, 0.0, math.inf
     model = None
-    if resume:
-        state = json.loads((run_dir / "state.json").read_text())
-        epochs_done = int(state["epochs_done"])
+    if resume and not (run_dir / "last.keras").exists():
+        _say(verbose, f"resuming {run_dir}: it was stopped before its first checkpoint, so "
+                      f"training starts at epoch 1 of {config.train.epochs}")
+    elif resume:
+        state = _resume_state(run_dir)
+        epochs_done, steps_done = int(state["epochs_done"]), int(state.get("steps_done", 0))
+        loss_sum = float(state.get("loss_sum", 0.0))
         best = state["best"] if state.get("best") is not None else math.inf
         model, _ = load_model(run_dir / "last.keras", compile=True)
+        _restore_seed_states(model, state.get("dropout_seeds", {}))
+        _trim_history(run_dir / "history.csv", epochs_done)
         if epochs_done >= config.train.epochs:
-            _say(verbose, f"{run_dir} has finished {epochs_done} of {config.train.epochs} epochs; "
-                          "raise --epochs to train longer")
+            _say(verbose, f"nothing to resume: {run_dir} has finished {epochs_done} of "
+                          f"{config.train.epochs} epochs; raise --epochs to train longer")
             return {}
+        within = f", step {steps_done + 1} of {config.train.steps_per_epoch}" if steps_done else ""
+        _say(verbose, f"resuming {run_dir} from its checkpoint after {epochs_done} epoch(s): "
+                      f"epoch {epochs_done + 1}{within} of {config.train.epochs}")
     trainer = Trainer(config, strategy, model)
     augmenter = augment.build_augmenter(config.augment) if config.augment.enabled else None
     steps = config.train.steps_per_epoch
     train_ds = training_dataset(train_examples, config, augmenter,
-                                start=epochs_done * steps * config.train.batch_size)
+                                start=(epochs_done * steps + steps_done) * config.train.batch_size)
     train_ds = trainer.strategy.experimental_distribute_dataset(train_ds)
     val_ds = validation_dataset(val_examples, config)
     pictures = []
@@ -232,9 +260,10 @@ def train(
         pictures = [ValidationImages(run_dir / "logs", tiles.numpy(), packed.numpy(), geometry.margin)]
         val_ds = trainer.strategy.experimental_distribute_dataset(val_ds)
 
+    checkpoint = RunCheckpoint(run_dir, config, best, "val_loss" if val_ds is not None else None)
     callbacks = keras.callbacks.CallbackList(
         [
-            RunCheckpoint(run_dir, config, best, "val_loss" if val_ds is not None else None),
+            checkpoint,
             keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
             keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
             *pictures,
@@ -245,25 +274,132 @@ def train(
     logs: dict[str, float] = {}
     callbacks.on_train_begin()
     batches = iter(train_ds)
-    for epoch in range(epochs_done, config.train.epochs):
-        callbacks.on_epoch_begin(epoch)
-        total = 0.0
-        for step in range(steps):
-            callbacks.on_train_batch_begin(step)
-            loss = float(trainer.distributed_train_step(next(batches)))
-            total += loss
-            callbacks.on_train_batch_end(step, {"loss": total / (step + 1)})
-        logs = {"loss": total / steps}
-        if val_ds is not None:
-            logs.update(trainer.evaluate(val_ds))
-        if not np.isfinite(logs["loss"]):
-            raise UnetcellError(
-                f"training diverged at epoch {epoch + 1} (loss {logs['loss']}); "
-                "lower --learning-rate"
-            )
-        callbacks.on_epoch_end(epoch, logs)
+    resume_hint = f"unetcell train {data} --out {run_dir} --resume"
+    with _stop_requests() as stop:
+        for epoch in range(epochs_done, config.train.epochs):
+            callbacks.on_epoch_begin(epoch)
+            first = steps_done if epoch == epochs_done else 0
+            total = loss_sum if epoch == epochs_done else 0.0
+            for step in range(first, steps):
+                callbacks.on_train_batch_begin(step)
+                loss = float(trainer.distributed_train_step(next(batches)))
+                if not math.isfinite(loss):
+                    raise TrainingStopped(_diverged(run_dir, loss, epoch, step, config))
+                total += loss
+                callbacks.on_train_batch_end(step, {"loss": total / (step + 1)})
+                if stop.requested and step + 1 < steps:
+                    checkpoint.save_last(epoch, step + 1, total)
+                    raise TrainingStopped(
+                        f"{stop.requested}: training stopped at epoch {epoch + 1}, step "
+                        f"{step + 1} of {steps}; saved {run_dir / 'last.keras'}. Continue with: "
+                        f"{resume_hint}", exit_code=130)
+            logs = {"loss": total / steps}
+            if val_ds is not None:
+                logs.update(trainer.evaluate(val_ds))
+            callbacks.on_epoch_end(epoch, logs)
+            if stop.requested:
+                raise TrainingStopped(
+                    f"{stop.requested}: training stopped after epoch {epoch + 1} of "
+                    f"{config.train.epochs}; saved {run_dir / 'last.keras'}. Continue with: "
+                    f"{resume_hint}", exit_code=130)
     callbacks.on_train_end(logs)
     return logs
+
+
+class _StopRequest:
+    requested: str | None = None  # the signal's name once one arrived
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to stop at the next step boundary, where the
+    model and optimizer are consistent and can be saved; a second Ctrl-C stops at once."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.requested = "interrupted" if signum == signal.SIGINT else "terminated"
+        print(f"\n{stop.requested}: saving a checkpoint after this step "
+              "(Ctrl-C again to stop without saving)", flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield stop
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _diverged(run_dir: Path, loss: float, epoch: int, step: int, config: Config) -> str:
+    if (run_dir / "last.keras").exists():
+        kept = (f"{run_dir / 'last.keras'} keeps the last good checkpoint (before epoch "
+                f"{epoch + 1}); continue from it with --resume and a lower rate")
+    else:
+        kept = "no checkpoint was written (it diverged in the first epoch)"
+    advice = "lower --learning-rate"
+    if config.train.optimizer == "sgd":
+        advice += f" or use --optimizer adam (SGD with momentum {config.train.momentum} diverges easily)"
+    return (f"training stopped: the loss became {loss} at epoch {epoch + 1}, step {step + 1}; "
+            f"{kept}. {advice} (now {config.train.learning_rate:g})")
+
+
+def _seed_states(model: keras.Model) -> dict[str, list[int]]:
+    """The random state of each dropout layer: Keras keeps it outside the model's weights, and
+    a resumed run must draw the dropout masks an uninterrupted run would have drawn."""
+    return {
+        layer.name: [int(v) for v in keras.ops.convert_to_numpy(layer.seed_generator.state)]
+        for layer in model.layers if getattr(layer, "seed_generator", None) is not None
+    }
+
+
+def _restore_seed_states(model: keras.Model, states: dict[str, list[int]]) -> None:
+    for layer in model.layers:
+        generator = getattr(layer, "seed_generator", None)
+        if generator is not None and layer.name in states:
+            generator.state.assign(np.asarray(states[layer.name], dtype=generator.state.dtype))
+
+
+def _resume_state(run_dir: Path) -> dict:
+    """The state saved inside last.keras (state.json for runs from before it was)."""
+    text = saved_entry(run_dir / "last.keras", STATE_ENTRY)
+    if text is None and (run_dir / "state.json").exists():
+        text = (run_dir / "state.json").read_text()
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise UnetcellError(f"{run_dir / 'last.keras'}: holds no training state to resume from") from None
+
+
+def _check_same_model(path: Path, saved: Config | None, config: Config) -> None:
+    """A resumed run keeps its network: refuse options that would describe another one."""
+    if saved is None:
+        return
+    changed = [
+        f"{name} {getattr(saved.model, name)} in the checkpoint, {getattr(config.model, name)} asked"
+        for name in saved.model.__dataclass_fields__
+        if name != "channels" and getattr(saved.model, name) != getattr(config.model, name)
+    ]
+    if changed:
+        raise UnetcellError(
+            f"{path}: --resume continues the same network, but {'; '.join(changed)}; drop those "
+            "options or start a new run with another --out"
+        )
+
+
+def _trim_history(path: Path, epochs_done: int) -> None:
+    """Drop history rows of epochs after the checkpoint (a run killed between writing its
+    log and its checkpoint), so the resumed run's log has one row per epoch."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) > epochs_done + 1:
+        write_text_atomic(path, "".join(lines[:epochs_done + 1]))
 
 
 def _say(verbose: int, text: str) -> None:

@@ -113,6 +113,11 @@ class ExampleRef:
     def name(self) -> str:
         return f"{self.id} ({self.feature})"
 
+    @property
+    def parent(self) -> str:
+        """The data set, where a file would name its folder."""
+        return str(self.spec)
+
     def __str__(self) -> str:
         return f"{self.spec} example {self.id!r} ({self.feature})"
 
