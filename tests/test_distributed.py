@@ -263,9 +263,11 @@ def test_mirrored_over_two_cpu_devices_matches_one_device_with_the_same_global_b
     one, two, resumed = history("one"), history("two"), history("resumed")
     assert len(one) == len(two) == len(resumed) == 2
     # Same tiles, same initial weights, gradients summed in another order: float32 round-off
-    # only. 1e-5 relative holds the losses and validation measures of two epochs.
+    # only, so the losses agree to 1e-5 relative over two epochs. IoU and pixel accuracy count
+    # pixels above 0.5, where round-off flips the odd pixel: 1e-3 absolute (measured: 1.7e-5).
     for a, b, c in zip(one, two, resumed):
-        for key in ("loss", "val_loss", "val_iou", "val_pixel_accuracy"):
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
-            np.testing.assert_allclose(c[key], a[key], rtol=1e-5, err_msg=f"resumed {key}")
+        for key, rtol, atol in [("loss", 1e-5, 0), ("val_loss", 1e-5, 0),
+                                ("val_iou", 0, 1e-3), ("val_pixel_accuracy", 0, 1e-3)]:
+            np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=atol, err_msg=f"{key}: {one} {two}")
+            np.testing.assert_allclose(c[key], a[key], rtol=rtol, atol=atol, err_msg=f"resumed {key}: {resumed}")
     assert one[1]["loss"] != one[0]["loss"]  # it trained

@@ -74,6 +74,10 @@ class Trainer:
             if model is None or model.optimizer is None:
                 self.model.compile(optimizer=make_optimizer(config), loss=WeightedCrossEntropy())
             self.optimizer = self.model.optimizer
+            if not self.optimizer.built:
+                # Built lazily inside the first distributed step, the slots of a second
+                # mirrored replica fail to initialise (placeholder error in a cond).
+                self.optimizer.build(self.model.trainable_variables)
         replicas = self.strategy.num_replicas_in_sync
         self._global_pixels = float(config.train.batch_size * replicas * self.geometry.output**2)
 
