@@ -271,3 +271,26 @@ def test_mirrored_over_two_cpu_devices_matches_one_device_with_the_same_global_b
             np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=atol, err_msg=f"{key}: {one} {two}")
             np.testing.assert_allclose(c[key], a[key], rtol=rtol, atol=atol, err_msg=f"resumed {key}: {resumed}")
     assert one[1]["loss"] != one[0]["loss"]  # it trained
+
+
+@pytest.mark.slow
+def test_a_worker_whose_chief_fails_exits_with_a_clear_error_instead_of_waiting(synth_folder, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"the user's model")  # the chief refuses to overwrite it
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    workers = []
+    for i in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "unetcell.cli", "train", str(synth_folder), "--out", str(run),
+             "--strategy", "multi-worker", "--filters", "4", "--depth", "2", "--tile", "92"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    chief, other = (w.communicate(timeout=300)[0] for w in workers)
+    assert [w.returncode for w in workers] == [1, 1]
+    assert "error: " in chief and "--overwrite" in chief
+    assert "error: worker 1 of 2 workers: lost the other workers" in other
+    assert "Traceback" not in chief + other
+    assert (run / "model.keras").read_bytes() == b"the user's model"

@@ -220,8 +220,18 @@ def train(
     strategy = strategy or make_strategy(config.train.strategy)
     this = role(strategy)
     with worker_dir(run_dir, this) as out_dir:
-        return _train(data, run_dir, out_dir, this, config, resume, overwrite, save_targets,
-                      strategy, verbose)
+        try:
+            return _train(data, run_dir, out_dir, this, config, resume, overwrite, save_targets,
+                          strategy, verbose)
+        except tf.errors.UnavailableError as e:
+            if this.workers == 1:
+                raise
+            # The usual cause is another worker's own error (its log says which); this one
+            # only sees its collectives aborted.
+            raise UnetcellError(
+                f"{this.describe()}: lost the other workers (one of them stopped or cannot be "
+                f"reached; see its log): {str(e).splitlines()[0][:200]}"
+            ) from None
 
 
 def _train(
