@@ -258,9 +258,13 @@ def _train(
                   f"validation: {', '.join(e.name for e in val_examples) or 'none'}")
     replicas = strategy.num_replicas_in_sync
     global_batch = config.train.batch_size * replicas
-    _say(verbose, f"strategy: {type(strategy).__name__} ({this.describe()}), {replicas} replica(s); "
-                  f"global batch {global_batch} = {config.train.batch_size} per replica x {replicas}"
-                  + (f"; {config.train.mixed_precision} compute" if config.train.mixed_precision != "off" else ""))
+    if replicas > 1 or this.workers > 1:
+        name = {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy"}.get(
+            type(strategy).__name__, type(strategy).__name__)
+        _say(verbose, f"{name} ({this.describe()}), {replicas} replicas: global batch "
+                      f"{global_batch} = {config.train.batch_size} per replica x {replicas}")
+    if config.train.mixed_precision != "off":
+        _say(verbose, f"mixed precision: {config.train.mixed_precision} compute, float32 variables")
     save_config(config, out_dir / "config.toml")
     if save_targets and this.is_chief:
         _save_target_figures(pairs, examples, run_dir / "targets", config)
