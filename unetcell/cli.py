@@ -91,13 +91,18 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 @click.option("--seed", type=int)
 @click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); kept with the model.")
 @click.option("--deterministic", is_flag=True, default=None, help="TensorFlow op determinism.")
+@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multi-worker"]),
+              help="tf.distribute strategy: mirrored = every GPU here; multi-worker = the cluster "
+                   "in TF_CONFIG or the Slurm step; auto picks one. --batch-size is per replica.")
+@click.option("--mixed-precision", type=click.Choice(["off", "bfloat16", "float16"]),
+              help="Compute in bfloat16 or float16 (GPUs), float32 variables and softmax.")
 @click.option("--no-augment", is_flag=True, help="Train on plain tiles.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--save-targets", is_flag=True, help="Write PNGs of the class and weight maps to RUN/targets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch_size, tile, filters, depth,
-          padding, learning_rate, optimizer, val_fraction, seed, channels, deterministic, no_augment,
-          resume, save_targets, overwrite):
+          padding, learning_rate, optimizer, val_fraction, seed, channels, deterministic, strategy,
+          mixed_precision, no_augment, resume, save_targets, overwrite):
     """Train a U-Net on DATA (images/ and masks/) and write the run to --out.
 
     DATA may also be a public data set, tfds:NAME[/CONFIG][:SPLIT] with --manual-dir
@@ -114,7 +119,8 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
         .override("model", filters=filters, depth=depth, padding=padding, pick_channels=channels)
         .override("train", epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
                   tile=tile, learning_rate=learning_rate, optimizer=optimizer,
-                  val_fraction=val_fraction, seed=seed, deterministic=deterministic)
+                  val_fraction=val_fraction, seed=seed, deterministic=deterministic,
+                  strategy=strategy, mixed_precision=mixed_precision)
         .override("augment", enabled=False if no_augment else None)
     )
     run_training(data, run_dir, config, resume=resume, overwrite=overwrite, save_targets=save_targets,
@@ -132,8 +138,10 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
 @click.option("--threshold", type=float, help="Foreground probability for labels.")
 @click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); default: as in training.")
 @click.option("--overlay", is_flag=True, help="Also write an overlay PNG of predicted contours.")
+@click.option("--shard", help="I/N: predict only every N-th image from the I-th (0-based), so N "
+                              "machines share one list; auto: I and N from TF_CONFIG or Slurm.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def predict(model, images, out, tile, batch_size, output, threshold, channels, overlay, overwrite):
+def predict(model, images, out, tile, batch_size, output, threshold, channels, overlay, shard, overwrite):
     """Segment IMAGES of any size with the overlap-tile strategy.
 
     Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
@@ -148,8 +156,12 @@ def predict(model, images, out, tile, batch_size, output, threshold, channels, o
     config = (saved_config(model) or Config()).override(
         "predict", tile=tile, batch_size=batch_size, threshold=threshold).override(
         "model", pick_channels=channels)
+    if shard is not None:
+        from .distribute import parse_shard
+
+        shard = parse_shard(shard)
     results = predict_files(model, images, out, config, output=output, overlay=overlay,
-                            overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
+                            overwrite=overwrite, echo=lambda m: click.echo(m, err=True), shard=shard)
     for result in results:
         cells = "" if result.cells is None else f", {result.cells} cells"
         click.echo(f"{result.source}: {result.shape[0]} x {result.shape[1]} in {result.tiles} "

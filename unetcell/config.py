@@ -154,6 +154,10 @@ class TrainConfig:
     val_tiles: int = 8  # fixed validation tiles per validation image or strip
     seed: int = 0
     deterministic: bool = False
+    # tf.distribute (unetcell.distribute): batch_size is per replica, so a step sees
+    # batch_size x replicas tiles.
+    strategy: str = "auto"  # auto | default | mirrored | multi-worker
+    mixed_precision: str = "off"  # off | bfloat16 | float16: compute dtype; variables stay float32
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1. Received: {self.epochs}")
@@ -166,6 +170,15 @@ class TrainConfig:
         )
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0. Received: {self.learning_rate}")
         _check(0 <= self.val_fraction < 1, f"train.val_fraction must be in [0, 1). Received: {self.val_fraction}")
+        _check(
+            self.strategy in ("auto", "default", "mirrored", "multi-worker"),
+            "train.strategy must be 'auto', 'default', 'mirrored' or 'multi-worker'. "
+            f"Received: {self.strategy!r}",
+        )
+        _check(
+            self.mixed_precision in ("off", "bfloat16", "float16"),
+            f"train.mixed_precision must be 'off', 'bfloat16' or 'float16'. Received: {self.mixed_precision!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -259,12 +259,15 @@ class TileSampler:
 
 
 def training_dataset(
-    examples: list[Example], config: Config, augmenter=None, start: int = 0
+    examples: list[Example], config: Config, augmenter=None, start: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> tf.data.Dataset:
     """An endless dataset of (input tiles, packed targets) batches.
 
     Tile i depends only on the seed and i, so a run resumed at step s continues with
     `start = s * batch_size` and sees the tiles an uninterrupted run would have seen.
+    `shard = (k, n)` keeps tiles start + k, start + k + n, ...: each of n workers draws and
+    augments only its own tiles (sharding by data, at the source).
     """
     geometry = TileGeometry.for_config(config)
     sampler = TileSampler(examples, geometry, config.train.seed, augmenter)
@@ -277,7 +280,7 @@ def training_dataset(
         return image, target
 
     return (
-        tf.data.Dataset.range(start, 2**62)
+        tf.data.Dataset.range(start + shard[0], 2**62, shard[1])
         .map(sample, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .batch(config.train.batch_size, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)

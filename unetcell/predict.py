@@ -338,14 +338,24 @@ def predict_files(
     overwrite: bool = False,
     echo: Callable[[str], None] = print,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> list[SlideResult]:
     """`unetcell predict`: every image through `Predictor.predict_slide`, with a tqdm bar over
     files and one over tiles. Every output path is checked before the model is loaded, and
     every image is opened once to check it can be read, so a typo in the last of 50 files is
-    reported before an hour of work, not after."""
+    reported before an hour of work, not after.
+
+    `shard = (i, n)` keeps every n-th image from the i-th, after the output paths of the whole
+    list are planned, so n machines given the same list write the same files between them."""
     from .progress import tqdm  # plain log lines when stderr is not a terminal
 
     plans = output_paths(images, out, output, overlay)
+    if shard is not None:
+        index, count = shard
+        echo(f"shard {index}/{count}: {len(plans[index::count])} of {len(plans)} image(s)")
+        plans = plans[index::count]
+        if not plans:
+            return []
     for plan in plans:
         for path in plan.paths():
             check_writable(path, overwrite)

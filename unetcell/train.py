@@ -15,6 +15,9 @@ A run folder holds:
     logs/           TensorBoard
     config.toml     the resolved settings
     cache/          the targets of each mask, keyed by its content
+
+Under a multi-worker strategy every worker runs this same loop; only the chief writes the run
+folder, the others write theirs to a temporary folder (`unetcell.distribute`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from .data import (
     training_dataset,
     validation_dataset,
 )
+from .distribute import Role, make_strategy, role, worker_dir
 from .errors import OutputExistsError, TrainingStopped, UnetcellError
 from .files import write_text_atomic
 from .losses import WeightedCrossEntropy, foreground_counts, pixel_losses
@@ -70,11 +74,16 @@ class Trainer:
         self.config = config
         self.strategy = strategy or tf.distribute.get_strategy()
         self.geometry = TileGeometry.for_config(config)
-        with self.strategy.scope():
+        with self.strategy.scope(), precision_policy(config.train.mixed_precision):
+            # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
             self.model = model or build_unet(config.model)
             if model is None or model.optimizer is None:
                 self.model.compile(optimizer=make_optimizer(config), loss=WeightedCrossEntropy())
             self.optimizer = self.model.optimizer
+            if not self.optimizer.built:
+                # Built lazily inside the first distributed step, the slots of a second
+                # mirrored replica fail to initialise (placeholder error in a cond).
+                self.optimizer.build(self.model.trainable_variables)
         replicas = self.strategy.num_replicas_in_sync
         self._global_pixels = float(config.train.batch_size * replicas * self.geometry.output**2)
 
@@ -83,8 +92,9 @@ class Trainer:
         with tf.GradientTape() as tape:
             probabilities = self.model(images, training=True)
             loss = tf.reduce_sum(pixel_losses(packed, probabilities)) / self._global_pixels
+            scaled = self.optimizer.scale_loss(loss)  # float16: a LossScaleOptimizer's scale
         variables = self.model.trainable_variables
-        gradients = tape.gradient(loss, variables)
+        gradients = tape.gradient(scaled, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
         return loss
 
@@ -192,6 +202,21 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+@contextlib.contextmanager
+def precision_policy(mixed_precision: str):
+    """Layers built inside compute in bfloat16 or float16 with float32 variables (the U-Net's
+    softmax is float32 regardless); the global policy is restored afterwards."""
+    if mixed_precision == "off":
+        yield
+        return
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(f"mixed_{mixed_precision}")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def seed_everything(config: Config) -> None:
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
@@ -204,14 +229,42 @@ def train(
     verbose: int = 1, manual_dir: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """Train on a dataset folder (or a `tfds:` data set read from `manual_dir`) and write the
-    run; returns the last epoch's logs."""
+    run; returns the last epoch's logs.
+
+    Without `strategy`, the one named by config.train.strategy is built first (a multi-worker
+    strategy must exist before TensorFlow starts)."""
     run_dir = Path(run_dir)
-    _prepare_run_dir(run_dir, resume, overwrite)
+    strategy = strategy or make_strategy(config.train.strategy)
+    this = role(strategy)
+    with worker_dir(run_dir, this) as out_dir:
+        try:
+            return _train(data, run_dir, out_dir, this, config, resume, overwrite, save_targets,
+                          strategy, verbose, manual_dir)
+        except tf.errors.UnavailableError as e:
+            if this.workers == 1:
+                raise
+            # The usual cause is another worker's own error (its log says which); this one
+            # only sees its collectives aborted.
+            raise UnetcellError(
+                f"{this.describe()}: lost the other workers (one of them stopped or cannot be "
+                f"reached; see its log): {str(e).splitlines()[0][:200]}"
+            ) from None
+
+
+def _train(
+    data, run_dir: Path, out_dir: Path, this: Role, config: Config, resume: bool,
+    overwrite: bool, save_targets: bool, strategy: tf.distribute.Strategy, verbose: int,
+    manual_dir: str | os.PathLike | None = None,
+) -> dict[str, float]:
+    """The loop of every worker. `out_dir` is what this worker writes (the run folder on the
+    chief, a temporary folder on the others); `run_dir` is read to resume."""
+    if this.is_chief or resume:  # the others must not touch the chief's run before resuming
+        _prepare_run_dir(run_dir, resume, overwrite)
     if resume and (run_dir / "last.keras").exists():  # before anything in the run is rewritten
         _check_same_model(run_dir / "last.keras", saved_config(run_dir / "last.keras"), config)
     pairs = find_pairs(data, manual_dir)
     seed_everything(config)
-    examples, report = load_examples(pairs, config, cache_dir=run_dir / "cache")
+    examples, report = load_examples(pairs, config, cache_dir=out_dir / "cache")
     channels = examples[0].image.shape[2]
     if channels != config.model.channels:
         config = config.override("model", channels=channels)
@@ -223,8 +276,17 @@ def train(
         config = config.override("train", tile=geometry.input)
     _say(verbose, f"training tiles {geometry.input} -> {geometry.output} px; "
                   f"validation: {', '.join(e.name for e in val_examples) or 'none'}")
-    save_config(config, run_dir / "config.toml")
-    if save_targets:
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.train.batch_size * replicas
+    if replicas > 1 or this.workers > 1:
+        name = {"CollectiveAllReduceStrategy": "MultiWorkerMirroredStrategy"}.get(
+            type(strategy).__name__, type(strategy).__name__)
+        _say(verbose, f"{name} ({this.describe()}), {replicas} replicas: global batch "
+                      f"{global_batch} = {config.train.batch_size} per replica x {replicas}")
+    if config.train.mixed_precision != "off":
+        _say(verbose, f"mixed precision: {config.train.mixed_precision} compute, float32 variables")
+    save_config(config, out_dir / "config.toml")
+    if save_targets and this.is_chief:
         _save_target_figures(pairs, examples, run_dir / "targets", config)
 
     epochs_done, steps_done, loss_sum, best = 0, 0, 0.0, math.inf
@@ -237,9 +299,11 @@ def train(
         epochs_done, steps_done = int(state["epochs_done"]), int(state.get("steps_done", 0))
         loss_sum = float(state.get("loss_sum", 0.0))
         best = state["best"] if state.get("best") is not None else math.inf
-        model, _ = load_model(run_dir / "last.keras", compile=True)
+        with strategy.scope():  # mirrored variables, whatever the strategy
+            model, _ = load_model(run_dir / "last.keras", compile=True)
         _restore_seed_states(model, state.get("dropout_seeds", {}))
-        _trim_history(run_dir / "history.csv", epochs_done)
+        if this.is_chief:
+            _trim_history(run_dir / "history.csv", epochs_done)
         if epochs_done >= config.train.epochs:
             _say(verbose, f"nothing to resume: {run_dir} has finished {epochs_done} of "
                           f"{config.train.epochs} epochs; raise --epochs to train longer")
@@ -250,25 +314,27 @@ def train(
     trainer = Trainer(config, strategy, model)
     augmenter = augment.build_augmenter(config.augment) if config.augment.enabled else None
     steps = config.train.steps_per_epoch
-    train_ds = training_dataset(train_examples, config, augmenter,
-                                start=(epochs_done * steps + steps_done) * config.train.batch_size)
-    train_ds = trainer.strategy.experimental_distribute_dataset(train_ds)
-    val_ds = validation_dataset(val_examples, config)
+    train_ds = _distributed_training_dataset(strategy, train_examples, config, augmenter,
+                                             start=(epochs_done * steps + steps_done) * global_batch)
+    val_ds = validation_dataset(val_examples, config.override("train", batch_size=global_batch))
     pictures = []
     if val_ds is not None:
         tiles, packed = next(iter(val_ds.unbatch().batch(3)))
-        pictures = [ValidationImages(run_dir / "logs", tiles.numpy(), packed.numpy(), geometry.margin)]
-        val_ds = trainer.strategy.experimental_distribute_dataset(val_ds)
+        pictures = [ValidationImages(out_dir / "logs", tiles.numpy(), packed.numpy(), geometry.margin)]
+        # Each worker evaluates every n-th batch; the sums are reduced across all of them.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        val_ds = strategy.experimental_distribute_dataset(val_ds.with_options(options))
 
-    checkpoint = RunCheckpoint(run_dir, config, best, "val_loss" if val_ds is not None else None)
+    checkpoint = RunCheckpoint(out_dir, config, best, "val_loss" if val_ds is not None else None)
     callbacks = keras.callbacks.CallbackList(
         [
             checkpoint,
-            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=resume),
-            keras.callbacks.TensorBoard(str(run_dir / "logs"), write_graph=False),
+            keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=resume),
+            keras.callbacks.TensorBoard(str(out_dir / "logs"), write_graph=False),
             *pictures,
         ],
-        add_progbar=verbose > 0, verbose=verbose, model=trainer.model,
+        add_progbar=verbose > 0 and this.is_chief, verbose=verbose, model=trainer.model,
         epochs=config.train.epochs, steps=steps,
     )
     logs: dict[str, float] = {}
@@ -400,6 +466,19 @@ def _trim_history(path: Path, epochs_done: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     if len(lines) > epochs_done + 1:
         write_text_atomic(path, "".join(lines[:epochs_done + 1]))
+
+
+def _distributed_training_dataset(strategy, examples, config: Config, augmenter, start: int):
+    """Training batches for every replica. Worker k of n draws tiles start + k, start + k + n,
+    ... and its replicas take consecutive per-replica batches, so one step covers tiles
+    [start + s G, start + (s+1) G) of global batch G on every strategy, as on one device: the
+    same tiles, a resume at the same index, and no worker augmenting tiles it throws away."""
+
+    def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return training_dataset(examples, config, augmenter, start=start,
+                                shard=(context.input_pipeline_id, context.num_input_pipelines))
+
+    return strategy.distribute_datasets_from_function(per_worker)
 
 
 def _say(verbose: int, text: str) -> None:
