@@ -432,12 +432,12 @@ def test_a_nan_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, monkeypat
     data = _folder(tmp_path / "d")
     clean = train_module.training_dataset
 
-    def nan_from_the_fourth_batch(examples, config, augmenter=None, start=0):
+    def nan_from_the_fourth_batch(examples, config, augmenter=None, start=0, shard=(0, 1)):
         def poison(i, batch):
             images, packed = batch
             return tf.where(i >= 3, images * np.nan, images), packed
 
-        return clean(examples, config, augmenter, start).enumerate().map(poison)
+        return clean(examples, config, augmenter, start, shard=shard).enumerate().map(poison)
 
     monkeypatch.setattr(train_module, "training_dataset", nan_from_the_fourth_batch)
     run = tmp_path / "run"
