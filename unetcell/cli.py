@@ -119,9 +119,15 @@ def train(data, run_dir, config_path, epochs, steps_per_epoch, batch_size, tile,
 @click.option("--output", type=click.Choice(["probabilities", "labels", "both"]), default="probabilities",
               show_default=True, help="Foreground probabilities, instance labels, or both.")
 @click.option("--threshold", type=float, help="Foreground probability for labels.")
+@click.option("--instances", "instance_method", type=click.Choice(["watershed", "components"]),
+              help="Split touching cells with a watershed (default) or keep the paper's connected "
+                   "components.")
+@click.option("--tta", is_flag=True, default=None,
+              help="Average the 8 flips and 90-degree rotations (8x the time).")
 @click.option("--overlay", is_flag=True, help="Also write an overlay PNG of predicted contours.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def predict(model, images, out, tile, batch_size, output, threshold, overlay, overwrite):
+def predict(model, images, out, tile, batch_size, output, threshold, instance_method, tta, overlay,
+            overwrite):
     """Segment IMAGES of any size with the overlap-tile strategy.
 
     Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
@@ -134,7 +140,8 @@ def predict(model, images, out, tile, batch_size, output, threshold, overlay, ov
     from .predict import predict_files
 
     config = (saved_config(model) or Config()).override(
-        "predict", tile=tile, batch_size=batch_size, threshold=threshold)
+        "predict", tile=tile, batch_size=batch_size, threshold=threshold,
+        instances=instance_method, tta=tta)
     results = predict_files(model, images, out, config, output=output, overlay=overlay,
                             overwrite=overwrite, echo=lambda m: click.echo(m, err=True))
     for result in results:
