@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/accuracy"))
     parser.add_argument("--sets", nargs="+", default=["nuclei", "phase", "em"],
                         choices=["nuclei", "phase", "em"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0],
+                        help="Seeds to train; none: the Otsu baseline only.")
     parser.add_argument("--budget", choices=["small", "large"], default="small")
     parser.add_argument("--reuse", action="store_true", help="Reuse models and maps in --work.")
     args = parser.parse_args(argv)
