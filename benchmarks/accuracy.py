@@ -132,7 +132,8 @@ def methods(config: Config) -> dict:
     p = config.predict
     return {
         "round-1": lambda prob: instances(prob, 0.5, 16, "components"),
-        "new": lambda prob: instances(prob, p.threshold, p.min_size, p.instances, p.watershed_h),
+        "new": lambda prob: instances(prob, p.threshold, p.min_size, p.instances, p.watershed_h,
+                                      p.watershed_ratio),
     }
 
 

@@ -213,3 +213,13 @@ def test_split_touching_never_merges_cells_already_apart_and_keeps_every_pixel()
 def test_an_unknown_instance_method_is_refused():
     with pytest.raises(ValueError, match="method"):
         instances(np.zeros((8, 8), np.float32), method="magic")
+
+
+def test_a_ratio_keeps_large_lobed_cells_whole_and_still_splits_touching_nuclei():
+    # A large cell with two lobes 5 px deep (a whole cell in phase contrast) and two small
+    # touching nuclei with a neck as deep relative to their size.
+    big, _, _ = _overlapping_discs(shape=(80, 120), offset=40, radius=28)
+    assert split_touching(big.astype(np.int32), h=0.5).max() == 2  # absolute h: two pieces
+    assert split_touching(big.astype(np.int32), h=0.5, ratio=0.3).max() == 1
+    small, _, _ = _overlapping_discs(offset=14, radius=9)
+    assert split_touching(small.astype(np.int32), h=0.5, ratio=0.1).max() == 2

@@ -262,8 +262,11 @@ def test_instance_method_and_tta_from_the_command_line(model_file, tmp_path):
         assert result.exit_code == 0, result.output
         labels[name] = tifffile.imread(tmp_path / f"{name}_labels.tif")
     probability = tifffile.imread(tmp_path / "plain.tif")
-    np.testing.assert_array_equal(labels["components"], instances(probability, method="components"))
-    np.testing.assert_array_equal(labels["plain"], instances(probability, method="watershed"))
+    p = Config().predict
+    np.testing.assert_array_equal(labels["components"],
+                                  instances(probability, p.threshold, p.min_size, "components"))
+    np.testing.assert_array_equal(labels["plain"], instances(
+        probability, p.threshold, p.min_size, "watershed", p.watershed_h, p.watershed_ratio))
     assert np.abs(tifffile.imread(tmp_path / "tta.tif") - probability).max() > 1e-4
     bad = _run("predict", model_file, tmp_path / "x.tif", "-o", tmp_path / "z.tif", "--instances", "magic")
     assert bad.exit_code != 0 and "magic" in bad.output

@@ -13,7 +13,7 @@ from unetcell.tuning import pooled_f1, tune_postprocessing
 def _stub():
     """Two cells touching along a column that the "network" is unsure of (0.58), and a small
     true cell of 12 pixels: thresholds >= 0.6 split the pair, min size <= 12 keeps the small
-    one, so (0.6, 8) is the best setting nearest the defaults (0.5, 16)."""
+    one, so (0.6, 8) is the best setting nearest (0.5, 16)."""
     truth = np.zeros((40, 60), np.int32)
     truth[5:25, 5:20] = 1
     truth[5:25, 20:36] = 2
@@ -25,7 +25,7 @@ def _stub():
 
 def test_tuning_picks_the_known_best_setting_nearest_the_defaults():
     probability, truth = _stub()
-    config = Config().override("predict", instances="components")
+    config = Config().override("predict", instances="components", threshold=0.5, min_size=16)
     tuned = tune_postprocessing([probability], [truth], config)
     assert (tuned.threshold, tuned.min_size) == (0.6, 8)
     assert tuned.watershed_h == config.predict.watershed_h  # no h to pick for components

@@ -32,13 +32,14 @@ METHODS = ("watershed", "components")
 
 
 def instances(probability: np.ndarray, threshold: float = 0.5, min_size: int = 16,
-              method: str = "watershed", h: float = 1.0) -> np.ndarray:
+              method: str = "watershed", h: float = 1.0, ratio: float = 0.0) -> np.ndarray:
     """Instance labels (H x W int32, 0 background, 1..N cells, numbered in raster order) from
     an H x W foreground probability map.
 
     method "components" is the paper's: the connected components of the thresholded map.
     "watershed" (the default) then splits each component along the necks between its
-    cells (`split_touching`, markers of height `h` pixels).
+    cells (`split_touching`: markers at least `h` pixels and `ratio` of the cell's half-width
+    above the neck).
     """
     probability = np.asarray(probability, dtype=np.float32)
     if probability.ndim != 2:
@@ -50,16 +51,20 @@ def instances(probability: np.ndarray, threshold: float = 0.5, min_size: int = 1
         return labels
     labels = fill_holes(drop_small(labels, min_size))
     if method == "watershed":
-        labels = drop_small(split_touching(labels, h), min_size)
+        labels = drop_small(split_touching(labels, h, ratio=ratio), min_size)
     return fill_gaps(labels, probability)
 
 
-def split_touching(labels: np.ndarray, h: float = 1.0, smoothing: float = 1.0) -> np.ndarray:
+def split_touching(labels: np.ndarray, h: float = 1.0, smoothing: float = 1.0,
+                   ratio: float = 0.0) -> np.ndarray:
     """Split instances at their necks: a watershed of each instance's distance to the
     background, seeded by the h-maxima of that distance (Gaussian-smoothed by `smoothing`
     pixels), so a maximum must stand `h` pixels above the saddle to its neighbour to become a
     cell of its own. Two touching discs are two maxima joined by a neck: two cells; one
-    convex cell with a ragged outline keeps one marker. Pixels keep their instance's
+    convex cell with a ragged outline keeps one marker. With `ratio` > 0 a peak must also
+    rise `ratio` times the instance's largest distance (its half-width) above the neck, so
+    large cells (whole cells in phase contrast) need deeper necks than small nuclei; an
+    absolute h alone splits large irregular cells into pieces. Pixels keep their instance's
     foreground; only the boundaries inside it are new. Numbered 1..N in raster order."""
     from skimage.morphology import local_maxima, reconstruction
     from skimage.segmentation import watershed
@@ -76,7 +81,11 @@ def split_touching(labels: np.ndarray, h: float = 1.0, smoothing: float = 1.0) -
     # The h-maxima as the regional maxima of the reconstruction of distance - h under the
     # distance (Soille), not skimage's h_maxima: that keeps two equal peaks apart however
     # shallow the saddle between them.
-    raised = reconstruction(distance - h, distance, method="dilation") if h > 0 else distance
+    depth = np.float64(h)
+    if ratio > 0:
+        half_width = ndimage.maximum(distance, labels, np.arange(int(labels.max()) + 1))
+        depth = np.maximum(h, ratio * np.asarray(half_width)[labels])
+    raised = reconstruction(distance - depth, distance, method="dilation") if np.any(depth > 0) else distance
     peaks = local_maxima(raised, connectivity=2, allow_borders=True)
     markers, _ = ndimage.label(peaks & foreground, structure=np.ones((3, 3), bool), output=np.int32)
     # A marker straddling two instances (it cannot, after the mask above, but a plateau can

@@ -39,8 +39,8 @@ class Tuned:
                 f"(defaults {self.default_f1:.3f})")
 
 
-def pooled_f1(probabilities, truths, threshold, min_size, method, h) -> float:
-    scores = [score_image(truth, instances(p, threshold, min_size, method, h))
+def pooled_f1(probabilities, truths, threshold, min_size, method, h, ratio=0.0) -> float:
+    scores = [score_image(truth, instances(p, threshold, min_size, method, h, ratio))
               for p, truth in zip(probabilities, truths)]
     return float(pool(scores)["f1_50"])
 
@@ -54,7 +54,8 @@ def tune_postprocessing(probabilities: list[np.ndarray], truths: list[np.ndarray
     if p.instances != "watershed":
         hs = (p.watershed_h,)
     sizes = sorted({max(0, int(round(p.min_size * f))) for f in min_size_factors})
-    default = pooled_f1(probabilities, truths, p.threshold, p.min_size, p.instances, p.watershed_h)
+    default = pooled_f1(probabilities, truths, p.threshold, p.min_size, p.instances, p.watershed_h,
+                        p.watershed_ratio)
 
     def distance(setting):  # from the defaults, in steps of each grid
         t, size, h = setting
@@ -63,7 +64,8 @@ def tune_postprocessing(probabilities: list[np.ndarray], truths: list[np.ndarray
 
     best, best_key = None, None
     for setting in itertools.product(thresholds, sizes, hs):
-        f1 = pooled_f1(probabilities, truths, setting[0], setting[1], p.instances, setting[2])
+        f1 = pooled_f1(probabilities, truths, setting[0], setting[1], p.instances, setting[2],
+                       p.watershed_ratio)
         key = (round(f1, 6), -distance(setting))
         if best_key is None or key > best_key:
             best, best_key = setting, key
