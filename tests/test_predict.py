@@ -190,7 +190,7 @@ def test_a_failure_midway_leaves_no_partial_file(predictor, tmp_path, monkeypatc
 
 def test_labels_of_a_slide_too_large_for_memory_are_refused_up_front(monkeypatch):
     monkeypatch.setattr(predict_module, "physical_memory", lambda: 8 * 2**30)
-    check_label_memory((8192, 8192))  # 1.6 GiB: fine
+    check_label_memory((4096, 4096))  # 2 GiB with the watershed: fine
     with pytest.raises(DataError, match="--output probabilities"):
         check_label_memory((32768, 32768), "big.tif")
 
