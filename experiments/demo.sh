@@ -11,6 +11,11 @@ $UNETCELL predict $OUT/run/model.keras $OUT/test/images/cell_000.tif -o $OUT/pre
     --output both --overlay --overwrite
 $UNETCELL evaluate $OUT/test --model $OUT/run/model.keras --json $OUT/metrics.json \
     --overlay $OUT/evaluation --overwrite
+# Touching cells coming apart: the same probabilities as the paper's connected components
+# and as the default watershed, each scored against the true cells.
+$UNETCELL predict $OUT/run/model.keras $OUT/test/images/*.tif -o $OUT/components --output labels \
+    --instances components --overlay --overwrite > /dev/null
+$UNETCELL evaluate $OUT/test --predictions $OUT/components --json $OUT/components.json --overwrite > /dev/null
 echo
 echo "demo finished in $(( $(date +%s) - start )) s"
 echo "  last epoch:       $(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) name[i] = $i }
@@ -18,3 +23,10 @@ echo "  last epoch:       $(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) name[i]
 echo "  training history: $OUT/run/history.csv"
 echo "  overlays:         $OUT/predicted/ and $OUT/evaluation/"
 echo "  metrics:          $OUT/metrics.json"
+for run in metrics components; do
+  $(dirname "$UNETCELL")/python -c "import json, sys; m = json.load(open(sys.argv[1]))
+print(f'  {sys.argv[2]:17s} F1@0.5 {m[\"f1_50\"]:.3f}, mean AP {m[\"mean_ap\"]:.3f}, '
+      f'{m[\"predicted_cells\"]} cells predicted of {m[\"true_cells\"]}')" $OUT/$run.json \
+      "$([ $run = metrics ] && echo 'watershed:' || echo 'components:')"
+done
+echo "  (touching cells that components merge: compare $OUT/components/overlays/ with $OUT/evaluation/)"

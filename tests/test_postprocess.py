@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from unetcell.postprocess import drop_small, fill_gaps, fill_holes, instances
+from unetcell.postprocess import drop_small, fill_gaps, fill_holes, instances, split_touching
 
 EIGHT = np.ones((3, 3), bool)
 
@@ -79,7 +79,9 @@ def test_an_isolated_cell_is_not_grown_around_a_notch_but_its_hole_is_filled():
     whole = cell.copy()
     cell[19:21, 10] = False  # and a hole: a dark interior, part of the cell
     probability = _probability(cell, seed=3)
-    labels = instances(probability, min_size=5)
+    # The paper's components: the watershed would (rightly) read a slit to the centre as a
+    # neck between two lobes; this is about what the gap filling grows.
+    labels = instances(probability, min_size=5, method="components")
     np.testing.assert_array_equal(labels, whole.astype(np.int32))
 
 
@@ -158,3 +160,66 @@ def test_empty_or_faint_maps_give_no_cells():
 def test_a_probability_map_must_be_two_dimensional():
     with pytest.raises(ValueError, match="H x W"):
         instances(np.zeros((4, 5, 2), np.float32))
+
+
+def _overlapping_discs(shape=(50, 70), offset=18, radius=11):
+    """Two discs whose centres are `offset` apart along x, overlapping with no gap between
+    them: one 4-connected blob with a neck. Returns the blob and each disc's pixels."""
+    a = _disc(shape, (25, 24), radius)
+    b = _disc(shape, (25, 24 + offset), radius)
+    return a | b, a, b
+
+
+def test_watershed_splits_touching_discs_that_connected_components_merge():
+    blob, a, b = _overlapping_discs()
+    probability = _probability(blob, seed=5)
+    merged = instances(probability, method="components")
+    assert merged.max() == 1  # the paper's components cannot split them: no gap
+    labels = instances(probability, method="watershed")
+    assert labels.max() == 2
+    assert (labels > 0)[blob].all()  # the foreground is kept, only split ...
+    neck = ndimage.binary_dilation(a & b, iterations=3)
+    assert not ((labels > 0) & ~blob & ~neck).any()  # ... and the notches at the neck filled
+    for disc in (a, b):
+        only = disc & ~(a & b)  # each disc's own pixels belong to one cell
+        cell = np.bincount(labels[only]).argmax()
+        assert (labels[only] == cell).mean() > 0.97
+    assert np.bincount(labels[a & ~b])[1:].argmax() != np.bincount(labels[b & ~a])[1:].argmax()
+
+
+def test_watershed_keeps_a_convex_cell_and_an_ellipse_whole():
+    yy, xx = np.mgrid[:60, :80]
+    ellipse = ((yy - 30) / 9.0) ** 2 + ((xx - 40) / 30.0) ** 2 <= 1  # 3:1, no neck
+    rng = np.random.default_rng(2)
+    ragged = _disc((60, 80), (30, 40), 14) & (rng.uniform(size=(60, 80)) > 0.02)
+    for cell in (ellipse, _disc((60, 80), (30, 40), 14), ragged):
+        labels = instances(_probability(cell, seed=1), method="watershed", min_size=5)
+        assert labels.max() == 1
+
+
+def test_split_touching_never_merges_cells_already_apart_and_keeps_every_pixel():
+    labels = np.zeros((30, 40), np.int32)
+    labels[5:25, 4:20] = 1
+    labels[5:25, 20:36] = 2  # touching straight edge, already two cells
+    split = split_touching(labels)
+    np.testing.assert_array_equal(split, labels)
+    blob, a, b = _overlapping_discs(offset=16)
+    split = split_touching(blob.astype(np.int32))
+    assert split.max() == 2 and ((split > 0) == blob).all()
+    # A high h asks for deeper necks: these discs are then one cell.
+    assert split_touching(blob.astype(np.int32), h=8).max() == 1
+
+
+def test_an_unknown_instance_method_is_refused():
+    with pytest.raises(ValueError, match="method"):
+        instances(np.zeros((8, 8), np.float32), method="magic")
+
+
+def test_a_ratio_keeps_large_lobed_cells_whole_and_still_splits_touching_nuclei():
+    # A large cell with two lobes 5 px deep (a whole cell in phase contrast) and two small
+    # touching nuclei with a neck as deep relative to their size.
+    big, _, _ = _overlapping_discs(shape=(80, 120), offset=40, radius=28)
+    assert split_touching(big.astype(np.int32), h=0.5).max() == 2  # absolute h: two pieces
+    assert split_touching(big.astype(np.int32), h=0.5, ratio=0.3).max() == 1
+    small, _, _ = _overlapping_discs(offset=14, radius=9)
+    assert split_touching(small.astype(np.int32), h=0.5, ratio=0.1).max() == 2

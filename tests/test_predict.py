@@ -14,6 +14,7 @@ from unetcell.config import Config
 from unetcell.errors import ConfigError, DataError, OutputExistsError
 from unetcell.model import build_unet, save_model
 from unetcell.normalize import normalize
+from unetcell.postprocess import instances
 from unetcell.predict import (
     Predictor,
     check_label_memory,
@@ -189,7 +190,7 @@ def test_a_failure_midway_leaves_no_partial_file(predictor, tmp_path, monkeypatc
 
 def test_labels_of_a_slide_too_large_for_memory_are_refused_up_front(monkeypatch):
     monkeypatch.setattr(predict_module, "physical_memory", lambda: 8 * 2**30)
-    check_label_memory((8192, 8192))  # 1.6 GiB: fine
+    check_label_memory((4096, 4096))  # 2 GiB with the watershed: fine
     with pytest.raises(DataError, match="--output probabilities"):
         check_label_memory((32768, 32768), "big.tif")
 
@@ -209,3 +210,63 @@ def test_multichannel_model_and_saved_settings(tmp_path):
         predict_files(tmp_path / "m.keras", [], tmp_path / "x", progress=False)
     with pytest.raises(OutputExistsError):
         predictor.predict_slide(image, probabilities=tmp_path / "m.keras")
+
+
+def _dihedral(image, turns, flipped):
+    image = np.rot90(image, turns, axes=(0, 1))
+    return image[:, ::-1] if flipped else image
+
+
+def test_tta_is_the_mean_of_eight_exact_whole_image_passes(model_file):
+    predictor = load_predictor(model_file, _config(tta=True))
+    image = _smooth_image((61, 83), seed=4)  # not square: rotations change the tile plan
+    tta = predictor.probabilities(image)
+    normalised = normalize(image[..., None], predictor.config.normalize)
+    passes = []
+    for turns in range(4):
+        for flipped in (False, True):
+            view = np.ascontiguousarray(_dihedral(normalised, turns, flipped))
+            out = whole_image_predict(view, predictor.predict_fn, predictor.geometry)
+            if flipped:
+                out = out[:, ::-1]
+            passes.append(np.rot90(out, -turns))
+    assert tta.shape == (61, 83) and tta.dtype == np.float32
+    assert np.abs(tta - np.mean(passes, axis=0)).max() <= 1e-5
+    plain = load_predictor(model_file).probabilities(image)
+    assert np.abs(tta - plain).max() > 1e-4  # this network is not symmetric: TTA changes it
+
+
+def test_tta_of_a_symmetric_network_equals_the_plain_pass(model_file, tmp_path):
+    plain = load_predictor(model_file)
+    tta = load_predictor(model_file, _config(tta=True))
+    m = plain.geometry.margin
+
+    def pointwise(tiles):  # commutes with every flip and rotation
+        tiles = np.asarray(tiles)
+        return (1 / (1 + np.exp(-tiles[:, m:tiles.shape[1] - m, m:tiles.shape[2] - m, 0]))).astype(np.float32)
+
+    plain.predict_fn = tta.predict_fn = pointwise
+    image = _smooth_image((70, 45), seed=5)
+    np.testing.assert_allclose(tta.probabilities(image), plain.probabilities(image), atol=1e-6)
+    tifffile.imwrite(tmp_path / "x.tif", image)
+    tta.predict_slide(tmp_path / "x.tif", probabilities=tmp_path / "p.tif", labels=tmp_path / "l.tif")
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "p.tif"), plain.probabilities(image), atol=1e-6)
+
+
+def test_instance_method_and_tta_from_the_command_line(model_file, tmp_path):
+    tifffile.imwrite(tmp_path / "x.tif", _smooth_image((90, 90), seed=6))
+    labels = {}
+    for name, extra in (("plain", []), ("components", ["--instances", "components"]), ("tta", ["--tta"])):
+        result = _run("predict", model_file, tmp_path / "x.tif", "-o", tmp_path / f"{name}.tif",
+                      "--output", "both", *extra)
+        assert result.exit_code == 0, result.output
+        labels[name] = tifffile.imread(tmp_path / f"{name}_labels.tif")
+    probability = tifffile.imread(tmp_path / "plain.tif")
+    p = Config().predict
+    np.testing.assert_array_equal(labels["components"],
+                                  instances(probability, p.threshold, p.min_size, "components"))
+    np.testing.assert_array_equal(labels["plain"], instances(
+        probability, p.threshold, p.min_size, "watershed", p.watershed_h, p.watershed_ratio))
+    assert np.abs(tifffile.imread(tmp_path / "tta.tif") - probability).max() > 1e-4
+    bad = _run("predict", model_file, tmp_path / "x.tif", "-o", tmp_path / "z.tif", "--instances", "magic")
+    assert bad.exit_code != 0 and "magic" in bad.output

@@ -137,11 +137,17 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
               show_default=True, help="Foreground probabilities, instance labels, or both.")
 @click.option("--threshold", type=float, help="Foreground probability for labels.")
 @click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); default: as in training.")
+@click.option("--instances", "instance_method", type=click.Choice(["watershed", "components"]),
+              help="Split touching cells with a watershed (default) or keep the paper's connected "
+                   "components.")
+@click.option("--tta", is_flag=True, default=None,
+              help="Average the 8 flips and 90-degree rotations (8x the time).")
 @click.option("--overlay", is_flag=True, help="Also write an overlay PNG of predicted contours.")
 @click.option("--shard", help="I/N: predict only every N-th image from the I-th (0-based), so N "
                               "machines share one list; auto: I and N from TF_CONFIG or Slurm.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def predict(model, images, out, tile, batch_size, output, threshold, channels, overlay, shard, overwrite):
+def predict(model, images, out, tile, batch_size, output, threshold, channels, instance_method, tta,
+            overlay, shard, overwrite):
     """Segment IMAGES of any size with the overlap-tile strategy.
 
     Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
@@ -154,8 +160,8 @@ def predict(model, images, out, tile, batch_size, output, threshold, channels, o
     from .predict import predict_files
 
     config = (saved_config(model) or Config()).override(
-        "predict", tile=tile, batch_size=batch_size, threshold=threshold).override(
-        "model", pick_channels=channels)
+        "predict", tile=tile, batch_size=batch_size, threshold=threshold,
+        instances=instance_method, tta=tta).override("model", pick_channels=channels)
     if shard is not None:
         from .distribute import parse_shard
 

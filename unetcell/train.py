@@ -369,6 +369,8 @@ def _train(
                     f"{config.train.epochs}; saved {run_dir / 'last.keras'}. Continue with: "
                     f"{resume_hint}", exit_code=130)
     callbacks.on_train_end(logs)
+    if val_examples and config.train.tune_postprocessing and this.is_chief:
+        tune_saved_model(run_dir, config, val_examples, verbose)
     return logs
 
 
@@ -479,6 +481,24 @@ def _distributed_training_dataset(strategy, examples, config: Config, augmenter,
                                 shard=(context.input_pipeline_id, context.num_input_pipelines))
 
     return strategy.distribute_datasets_from_function(per_worker)
+
+
+def tune_saved_model(run_dir: Path, config: Config, val_examples, verbose: int = 1):
+    """Pick the threshold, min size and watershed h on the validation images with the saved
+    best model, and store them with it (model.keras and config.toml); `unetcell predict`
+    uses them unless --threshold overrides."""
+    from .predict import Predictor
+    from .tuning import tune_postprocessing, validation_probabilities
+
+    model, _ = load_model(run_dir / "model.keras", compile=False)
+    probabilities = validation_probabilities(Predictor(model, config), [e.image for e in val_examples])
+    tuned = tune_postprocessing(probabilities, [e.labels for e in val_examples], config)
+    config = config.override("predict", threshold=tuned.threshold, min_size=tuned.min_size,
+                             watershed_h=tuned.watershed_h)
+    save_model(model, run_dir / "model.keras", config, overwrite=True, include_optimizer=False)
+    save_config(config, run_dir / "config.toml")
+    _say(verbose, f"post-processing picked on validation: {tuned.describe()}")
+    return tuned
 
 
 def _say(verbose: int, text: str) -> None:
