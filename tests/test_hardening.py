@@ -161,6 +161,18 @@ def test_all_problems_of_a_folder_in_one_message(tmp_path):
     assert "c3.tif" not in out
 
 
+def test_unpaired_files_and_bad_contents_come_in_the_same_message(tmp_path):
+    data = _folder(tmp_path / "d", count=4)
+    (data / "masks" / "c1.tif").unlink()
+    tifffile.imwrite(data / "masks" / "c2.tif", np.random.rand(64, 64).astype(np.float32))
+    tifffile.imwrite(data / "images" / "c3.tif", np.zeros((50, 64), np.uint8))
+    out = _refused(_cli(["train", data, "--out", tmp_path / "run", *TINY_ARGS]), "3 problems in",
+                   "c1.tif", "c2.tif", "c3.tif")
+    assert "no mask with the stem" in out and "probability map" in out and "50 x 64" in out
+    assert "c0.tif" not in out
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+
 def test_an_empty_mask_among_others_is_reported_not_refused(tmp_path):
     data = _folder(tmp_path / "d")
     tifffile.imwrite(data / "masks" / "c1.tif", np.zeros((64, 64), np.uint8))

@@ -6,6 +6,7 @@ naming the file (`unetcell.folders` finds the pairs).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,12 +106,13 @@ def _looks_merged(labels: np.ndarray) -> bool:
 
 
 def read_pairs(
-    pairs: list[Pair], pick_channels: str = ""
+    pairs: list[Pair], pick_channels: str = "", unpaired: Sequence[str] = ()
 ) -> list[tuple[Pair, np.ndarray, np.ndarray]]:
     """(pair, image, mask) of every pair, `--channels` applied, after checking them all:
     every unreadable file, size mismatch, bad mask and odd channel count of the folder is
-    reported together in one DataError, so a user fixes them in one pass."""
-    problems, loaded = [], []
+    reported together in one DataError with the `unpaired` files found before (images without
+    masks and masks without images), so a user fixes them in one pass."""
+    problems, loaded = list(unpaired), []
     for pair in pairs:
         image = mask = None
         try:
@@ -155,11 +157,12 @@ def read_pairs(
 
 
 def load_examples(
-    pairs: list[Pair], config: Config, cache_dir: Path | None = None
+    pairs: list[Pair], config: Config, cache_dir: Path | None = None, unpaired: Sequence[str] = ()
 ) -> tuple[list[Example], MaskReport]:
-    """Read, check and normalise every pair; compute (or fetch) its targets."""
+    """Read, check and normalise every pair; compute (or fetch) its targets. `unpaired` files
+    (`folders.discover_pairs`) are reported with the pairs' own problems."""
     examples, kinds, suspects, empty = [], set(), [], []
-    for pair, image, mask in read_pairs(pairs, config.model.pick_channels):
+    for pair, image, mask in read_pairs(pairs, config.model.pick_channels, unpaired):
         binary = targets.is_binary(mask)
         kinds.add("binary" if binary else "instance")
         if not mask.any():

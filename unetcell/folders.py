@@ -52,11 +52,14 @@ def files_by_stem(folder: Path) -> dict[str, Path]:
     return files
 
 
-def discover_pairs(folder: str | os.PathLike, require_masks: bool = True) -> list[Pair]:
+def discover_pairs(folder: str | os.PathLike, require_masks: bool = True,
+                   unpaired: list[str] | None = None) -> list[Pair]:
     """The image/mask pairs of a dataset folder, sorted by stem.
 
     Raises DataError for a missing images/ or masks/ folder, an empty folder, an image without
-    a mask or a mask without an image (usually a misspelt name).
+    a mask or a mask without an image (usually a misspelt name). Given an `unpaired` list, the
+    last two are appended to it instead while other pairs exist, so that the caller reports
+    them together with what reading those pairs finds (one message for the whole folder).
     """
     folder = Path(folder)
     images_dir, masks_dir = folder / "images", folder / "masks"
@@ -82,19 +85,22 @@ def discover_pairs(folder: str | os.PathLike, require_masks: bool = True) -> lis
         f"{masks[stem]}: a mask without an image of the same stem in {images_dir}"
         for stem in sorted(set(masks) - set(images))
     ]
-    if problems:
+    pairs = [Pair(stem, images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
+    if problems and (unpaired is None or not pairs):
         raise DataError.collect(problems, str(folder))
-    return [Pair(stem, images[stem], masks[stem]) for stem in sorted(images)]
+    if problems:
+        unpaired.extend(problems)
+    return pairs
 
 
 def find_pairs(data: str | os.PathLike, manual_dir: str | os.PathLike | None = None,
-               require_masks: bool = True) -> list:
+               require_masks: bool = True, unpaired: list[str] | None = None) -> list:
     """The pairs of a dataset folder, or of a `tfds:NAME[/CONFIG][:SPLIT]` data set prepared
-    from `manual_dir` (only that one takes a manual folder)."""
+    from `manual_dir` (only that one takes a manual folder); `unpaired` as in `discover_pairs`."""
     if str(data).startswith("tfds:"):
         from .datasets.source import tfds_pairs
 
         return tfds_pairs(str(data), manual_dir, require_masks=require_masks)
     if manual_dir is not None:
         raise DataError(f"{data}: --manual-dir is for tfds: data sets; a folder is read as it is")
-    return discover_pairs(data, require_masks=require_masks)
+    return discover_pairs(data, require_masks=require_masks, unpaired=unpaired)

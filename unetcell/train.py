@@ -262,9 +262,10 @@ def _train(
         _prepare_run_dir(run_dir, resume, overwrite)
     if resume and (run_dir / "last.keras").exists():  # before anything in the run is rewritten
         _check_same_model(run_dir / "last.keras", saved_config(run_dir / "last.keras"), config)
-    pairs = find_pairs(data, manual_dir)
+    unpaired: list[str] = []  # reported with the pairs' own problems, in one message
+    pairs = find_pairs(data, manual_dir, unpaired=unpaired)
     seed_everything(config)
-    examples, report = load_examples(pairs, config, cache_dir=out_dir / "cache")
+    examples, report = load_examples(pairs, config, cache_dir=out_dir / "cache", unpaired=unpaired)
     channels = examples[0].image.shape[2]
     if channels != config.model.channels:
         config = config.override("model", channels=channels)
