@@ -43,7 +43,15 @@ from .slides import (
     pick_channels,
     write_tiled_tiff,
 )
-from .tiling import Geometry, TilePlan, forward_fn, predict_tiled_bands, smallest_tile, tile_plan
+from .tiling import (
+    Geometry,
+    TilePlan,
+    forward_fn,
+    predict_tiled,
+    predict_tiled_bands,
+    smallest_tile,
+    tile_plan,
+)
 
 OUTPUTS = ("probabilities", "labels", "both")
 
@@ -192,13 +200,13 @@ class Predictor:
         total = np.zeros(slide.shape[:2], np.float64)
         for turns, flipped in tta_transforms():
             view = np.ascontiguousarray(_transform(image, turns, flipped))
-            plan = self.plan(view.shape[0], view.shape[1])
-            out = np.empty(view.shape[:2], np.float32)
-            read = lambda start, stop, v=view: v[start:stop]  # noqa: E731
-            for first, band in predict_tiled_bands(read, plan, self.predict_fn, self.batch_size, on_batch):
-                out[first:first + band.shape[0]] = band
-            total += _untransform(out, turns, flipped)
+            total += _untransform(self.normalised_probability(view, on_batch), turns, flipped)
         return (total / 8).astype(np.float32)
+
+    def normalised_probability(self, image: np.ndarray, on_batch=None) -> np.ndarray:
+        """H x W float32 foreground probability of an image already normalised (H x W x C in
+        memory, as training's examples are), by the same overlap-tile pass."""
+        return predict_tiled(image, self.predict_fn, self.tile, self.geometry, self.batch_size, on_batch)
 
     def probabilities(self, image: Slide | np.ndarray) -> np.ndarray:
         """H x W float32 foreground probability of an image (H x W or H x W x C, raw)."""

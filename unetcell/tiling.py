@@ -118,11 +118,12 @@ def predict_tiled_bands(
 
 def predict_tiled(
     image: np.ndarray, predict_fn: PredictFn, tile: int, geometry: Geometry, batch_size: int = 4,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Overlap-tile prediction of an image held in memory (H x W x C, ready for the network):
     the bands of `predict_tiled_bands` stacked to H x W (x trailing axes of predict_fn)."""
     plan = tile_plan(image.shape[0], image.shape[1], tile, geometry)
-    bands = predict_tiled_bands(lambda a, b: image[a:b], plan, predict_fn, batch_size)
+    bands = predict_tiled_bands(lambda a, b: image[a:b], plan, predict_fn, batch_size, on_batch)
     return np.concatenate([band for _, band in bands], axis=0)
 
 

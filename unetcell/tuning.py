@@ -76,14 +76,4 @@ def tune_postprocessing(probabilities: list[np.ndarray], truths: list[np.ndarray
 def validation_probabilities(predictor, images: list[np.ndarray]) -> list[np.ndarray]:
     """Foreground probabilities of already normalised images (training's examples) by the
     same overlap-tile pass as `unetcell predict`."""
-    from .tiling import predict_tiled_bands
-
-    out = []
-    for image in images:
-        whole = np.empty(image.shape[:2], np.float32)
-        plan = predictor.plan(image.shape[0], image.shape[1])
-        read = lambda start, stop, a=image: a[start:stop]  # noqa: E731
-        for first, band in predict_tiled_bands(read, plan, predictor.predict_fn, predictor.batch_size):
-            whole[first:first + band.shape[0]] = band
-        out.append(whole)
-    return out
+    return [predictor.normalised_probability(image) for image in images]
