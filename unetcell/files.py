@@ -88,8 +88,8 @@ def _disk_full(path: Path, tmp: Path, error: OSError, size_hint: int | None) -> 
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = None
-    need = f"about {_mib(size_hint)} needed" if size_hint else f"more than the {_mib(written)} written"
-    have = f", {_mib(free)} free on that disk" if free is not None else ""
+    need = f"about {format_bytes(size_hint)} needed" if size_hint else f"more than the {format_bytes(written)} written"
+    have = f", {format_bytes(free)} free on that disk" if free is not None else ""
     reason = os.strerror(error.errno) if error.errno else "the disk is full or a file size limit was reached"
     return DiskFullError(
         f"{path}: could not be written, {reason.lower()} ({need}{have}); the partial file was "
@@ -97,8 +97,12 @@ def _disk_full(path: Path, tmp: Path, error: OSError, size_hint: int | None) -> 
     )
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB"
+def format_bytes(nbytes: float) -> str:
+    """A size for people: 4.0 MiB, 1.2 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 @contextlib.contextmanager

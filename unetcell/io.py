@@ -16,7 +16,7 @@ import numpy as np
 import tifffile
 
 from .errors import ConfigError, DataError
-from .files import atomic_path, check_writable
+from .files import atomic_path, check_writable, format_bytes
 
 # tifffile logs what it finds wrong in a file before raising; the DataError that follows says it
 # in one line naming the file, so its log lines would only repeat it in another voice.
@@ -58,13 +58,6 @@ def memory_budget() -> int:
         return 8 * 2**30
 
 
-def _size(nbytes: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{int(nbytes)} bytes"
-
-
 def check_declared_size(
     path: Path, shape: tuple[int, ...], dtype: np.dtype, stored: int, max_ratio: float, in_memory: bool
 ) -> None:
@@ -76,14 +69,14 @@ def check_declared_size(
     if declared > max_ratio * stored + 65536:
         raise DataError(
             f"{path}: its header declares {' x '.join(map(str, shape))} {np.dtype(dtype)} pixels "
-            f"({_size(declared)}) but the file holds only {_size(stored)} of image data; "
+            f"({format_bytes(declared)}) but the file holds only {format_bytes(stored)} of image data; "
             "the file is truncated or malformed (refused before decoding)"
         )
     budget = memory_budget()
     if in_memory and declared > budget:
         raise DataError(
-            f"{path}: {' x '.join(map(str, shape))} {np.dtype(dtype)} pixels need {_size(declared)} "
-            f"in memory and the budget is {_size(budget)} (half of the available memory); crop or "
+            f"{path}: {' x '.join(map(str, shape))} {np.dtype(dtype)} pixels need {format_bytes(declared)} "
+            f"in memory and the budget is {format_bytes(budget)} (half of the available memory); crop or "
             "downsample it, or for prediction save it as TIFF, which is streamed"
         )
 
