@@ -30,10 +30,6 @@ PREFIX = "tfds:"
 SPEC = re.compile(r"tfds:(?P<name>[a-z0-9_]+)(?:/(?P<config>[^:/]+))?(?::(?P<split>.+))?")
 
 
-def is_tfds(data: str | os.PathLike) -> bool:
-    return str(data).startswith(PREFIX)
-
-
 @dataclass(frozen=True)
 class TfdsSpec:
     name: str
