@@ -1,13 +1,17 @@
-"""Post-processing picked on validation data: the known best of a stub, ties to the defaults."""
+"""Post-processing chosen from the training data: the minimum size from the annotated cells,
+and on validation data the known best of a stub, ties to the defaults."""
 
 import dataclasses
+import glob
 
 import numpy as np
+import tifffile
+from skimage.measure import regionprops
 
 from unetcell.config import Config, load_config
 from unetcell.model import saved_config
 from unetcell.train import train
-from unetcell.tuning import pooled_f1, tune_postprocessing
+from unetcell.tuning import annotated_min_size, pooled_f1, tune_postprocessing
 
 
 def _stub():
@@ -21,6 +25,17 @@ def _stub():
     probability = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
     probability[5:25, 20] = 0.58
     return probability, truth
+
+
+def test_annotated_min_size_is_a_fraction_of_the_smallest_cells_over_all_masks():
+    rng = np.random.default_rng(0)
+    areas = rng.integers(40, 400, size=150)
+    # Cells of known areas as runs of one label along a row, split over two label images.
+    first = np.repeat(np.arange(1, 101), areas[:100])[None, :]
+    second = np.repeat(np.arange(1, 51), areas[100:])[None, :]
+    smallest = np.percentile(areas, 1)
+    assert annotated_min_size([first, second], 0.25) == (int(round(0.25 * smallest)), smallest)
+    assert annotated_min_size([np.zeros((5, 5), np.int32)], 0.25) == (0, 0.0)
 
 
 def test_tuning_picks_the_known_best_setting_nearest_the_defaults():
@@ -56,6 +71,19 @@ def test_training_with_validation_stores_the_picked_settings_with_the_model(synt
     saved = saved_config(tmp_path / "run" / "model.keras")
     assert load_config(tmp_path / "run" / "config.toml") == saved
     assert dataclasses.replace(saved, predict=config.predict) == config  # only predict changes
-    untuned = config.override("train", tune_postprocessing=False)
+    untuned = config.override("train", tune_postprocessing=False).override("predict", min_size_fraction=0)
     train(synth_folder, tmp_path / "plain", untuned, verbose=0)
     assert saved_config(tmp_path / "plain" / "model.keras") == untuned
+
+
+def test_training_raises_min_size_to_a_fraction_of_the_annotated_cells(synth_folder, tmp_path, capsys):
+    config = (Config().override("model", filters=4, depth=2)
+              .override("train", tile=92, epochs=1, steps_per_epoch=1, val_fraction=0)
+              .override("predict", min_size=4, min_size_fraction=0.5))
+    train(synth_folder, tmp_path / "run", config, verbose=1)
+    areas = [region.area for mask in sorted(glob.glob(str(synth_folder / "masks" / "*")))
+             for region in regionprops(tifffile.imread(mask).astype(np.int32))]
+    expected = int(round(0.5 * np.percentile(areas, 1)))
+    assert expected > 4  # the synthetic cells are far larger than 8 pixels
+    assert saved_config(tmp_path / "run" / "model.keras").predict.min_size == expected
+    assert f"min size {expected} px" in capsys.readouterr().out

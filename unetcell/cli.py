@@ -136,6 +136,8 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
 @click.option("--output", type=click.Choice(["probabilities", "labels", "both"]), default="probabilities",
               show_default=True, help="Foreground probabilities, instance labels, or both.")
 @click.option("--threshold", type=float, help="Foreground probability for labels.")
+@click.option("--min-size", type=int, help="Drop instances smaller than this (pixels); default: "
+                                           "as stored with the model.")
 @click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); default: as in training.")
 @click.option("--instances", "instance_method", type=click.Choice(["watershed", "components"]),
               help="Split touching cells with a watershed (default) or keep the paper's connected "
@@ -146,8 +148,8 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
 @click.option("--shard", help="I/N: predict only every N-th image from the I-th (0-based), so N "
                               "machines share one list; auto: I and N from TF_CONFIG or Slurm.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def predict(model, images, out, tile, batch_size, output, threshold, channels, instance_method, tta,
-            overlay, shard, overwrite):
+def predict(model, images, out, tile, batch_size, output, threshold, min_size, channels, instance_method,
+            tta, overlay, shard, overwrite):
     """Segment IMAGES of any size with the overlap-tile strategy.
 
     Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
@@ -160,7 +162,7 @@ def predict(model, images, out, tile, batch_size, output, threshold, channels, i
     from .predict import predict_files
 
     config = (saved_config(model) or Config()).override(
-        "predict", tile=tile, batch_size=batch_size, threshold=threshold,
+        "predict", tile=tile, batch_size=batch_size, threshold=threshold, min_size=min_size,
         instances=instance_method, tta=tta).override("model", pick_channels=channels)
     if shard is not None:
         from .distribute import parse_shard

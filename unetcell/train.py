@@ -57,13 +57,25 @@ RUN_FILES = ("model.keras", "last.keras", "state.json", "history.csv", "config.t
 STATE_ENTRY = "unetcell_state.json"
 
 
+def learning_rate(config: Config):
+    """The learning rate, or its schedule over the run's steps (driven by the optimizer's
+    step count, which last.keras keeps, so --resume continues the same curve)."""
+    t = config.train
+    if t.schedule == "constant":
+        return t.learning_rate
+    total = t.epochs * t.steps_per_epoch
+    warmup = max(1, total // 20)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, total - warmup), warmup_target=t.learning_rate, warmup_steps=warmup)
+
+
 def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
     t = config.train
     if t.optimizer == "sgd":
         # The paper's momentum of 0.99 averages over ~100 steps; with a mean-reduced loss it
         # needs a smaller learning rate than a summed one (DESIGN.md: 1e-2 diverged).
-        return keras.optimizers.SGD(t.learning_rate, momentum=t.momentum)
-    return keras.optimizers.Adam(t.learning_rate)
+        return keras.optimizers.SGD(learning_rate(config), momentum=t.momentum)
+    return keras.optimizers.Adam(learning_rate(config))
 
 
 class Trainer:
@@ -271,6 +283,7 @@ def _train(
         config = config.override("model", channels=channels)
     _say(verbose, f"{len(pairs)} image(s) from {data}: {report.describe()}")
     train_examples, val_examples = split_examples(examples, config.train.val_fraction, config.train.seed)
+    config = _annotated_min_size(config, examples, verbose)
     geometry = TileGeometry.for_config(config)
     if geometry.input != config.train.tile:
         _say(verbose, f"tile {config.train.tile} is not valid for this U-Net; using {geometry.input}")
@@ -482,6 +495,22 @@ def _distributed_training_dataset(strategy, examples, config: Config, augmenter,
                                 shard=(context.input_pipeline_id, context.num_input_pipelines))
 
     return strategy.distribute_datasets_from_function(per_worker)
+
+
+def _annotated_min_size(config: Config, examples, verbose: int) -> Config:
+    """Raise predict.min_size to its fraction of the smallest annotated cells (stored with the
+    model, so `unetcell predict` drops the network's debris-sized false positives)."""
+    from .tuning import annotated_min_size
+
+    p = config.predict
+    if p.min_size_fraction <= 0:
+        return config
+    floor, smallest = annotated_min_size([e.labels for e in examples], p.min_size_fraction)
+    if floor <= p.min_size:
+        return config
+    _say(verbose, f"min size {floor} px: {p.min_size_fraction:g} of the smallest annotated cells "
+                  f"({smallest:.0f} px, 1st percentile of the masks' cell areas)")
+    return config.override("predict", min_size=floor)
 
 
 def tune_saved_model(run_dir: Path, config: Config, val_examples, verbose: int = 1):

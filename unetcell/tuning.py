@@ -1,6 +1,13 @@
-"""Post-processing settings chosen on validation data at the end of training (StarDist's
-optimize_thresholds habit): the foreground threshold, the minimum cell size and the
-watershed's h, each picked by the pooled F1 at IoU 0.5 of the validation images' instances.
+"""Post-processing settings chosen from the training data.
+
+When training starts, the minimum cell size is raised to a fraction of the smallest cells
+the user annotated (`annotated_min_size`): whatever the network finds that is far smaller than
+any annotated cell is debris, not a cell (Cellpose takes its object scale from the training
+masks in the same way). This needs no validation data, so it holds with --val-fraction 0.
+
+At the end of training (StarDist's optimize_thresholds habit): the foreground threshold, the
+minimum cell size and the watershed's h, each picked by the pooled F1 at IoU 0.5 of the
+validation images' instances.
 
 The probabilities are computed once; only the cheap step from probabilities to instances is
 repeated for every setting. Ties go to the setting nearest the defaults, so a flat optimum
@@ -18,6 +25,7 @@ from .config import Config
 from .evaluate import pool, score_image
 from .postprocess import instances
 
+SMALL_CELL_PERCENTILE = 1.0  # of the annotated areas: robust to a stray one-pixel label
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.3, 0.86, 0.05))
 WATERSHED_HS = (0.5, 1.0, 2.0, 3.0)
 MIN_SIZE_FACTORS = (0.5, 1.0, 2.0)  # of the configured min_size
@@ -37,6 +45,18 @@ class Tuned:
         return (f"threshold {self.threshold:.2f}, min size {self.min_size}, watershed h "
                 f"{self.watershed_h:g}: validation F1@0.5 {self.f1:.3f} "
                 f"(defaults {self.default_f1:.3f})")
+
+
+def annotated_min_size(labels: list[np.ndarray], fraction: float) -> tuple[int, float]:
+    """(min size, smallest annotated area): `fraction` of the 1st percentile of the areas of
+    every annotated cell in `labels` (instance label images), rounded; (0, 0.0) without
+    cells."""
+    areas = np.concatenate([np.bincount(np.asarray(lab, np.int64).ravel())[1:] for lab in labels])
+    areas = areas[areas > 0]
+    if areas.size == 0:
+        return 0, 0.0
+    smallest = float(np.percentile(areas, SMALL_CELL_PERCENTILE))
+    return int(round(fraction * smallest)), smallest
 
 
 def pooled_f1(probabilities, truths, threshold, min_size, method, h, ratio=0.0) -> float:
