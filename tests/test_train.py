@@ -10,7 +10,7 @@ import pytest
 from unetcell.config import Config, load_config
 from unetcell.data import discover_pairs, load_examples, split_examples, validation_dataset
 from unetcell.errors import OutputExistsError
-from unetcell.train import Trainer, seed_everything, train
+from unetcell.train import Trainer, scheduled_learning_rate, seed_everything, train
 
 pytestmark = pytest.mark.slow  # every test here trains a network; `make test-fast` skips them
 
@@ -84,3 +84,25 @@ def test_an_existing_run_is_not_overwritten(synth_folder, tmp_path):
         train(synth_folder, tmp_path / "run", SMALL, verbose=0)
     assert (tmp_path / "run" / "model.keras").read_bytes() == before
     train(synth_folder, tmp_path / "run", SMALL, overwrite=True, verbose=0)
+
+
+def test_cosine_schedule_is_keras_cosine_decay_with_warmup():
+    config = SMALL.override("train", schedule="cosine", epochs=10, steps_per_epoch=40, learning_rate=3e-3)
+    total, warmup = 400, 20
+    reference = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=total - warmup, warmup_target=3e-3, warmup_steps=warmup)
+    ours = np.array([scheduled_learning_rate(config, step) for step in range(total)])
+    # Keras counts the warm-up from 0 at step 0; the loop's first step already learns.
+    theirs = np.array([float(reference(step + 1 if step < warmup else step)) for step in range(total)])
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-9)
+    assert ours.max() == pytest.approx(3e-3) and ours[-1] < 1e-6
+    assert scheduled_learning_rate(SMALL, 123) == SMALL.train.learning_rate  # constant
+
+
+def test_the_loop_follows_the_schedule_to_the_last_step(synth_folder, tmp_path):
+    config = SMALL.override("train", schedule="cosine", epochs=2, val_fraction=0)
+    train(synth_folder, tmp_path / "run", config, verbose=0)
+    model = keras.saving.load_model(tmp_path / "run" / "last.keras", compile=True)
+    last = scheduled_learning_rate(config, 2 * 6 - 1)
+    assert float(model.optimizer.learning_rate) == pytest.approx(last, rel=1e-5)
+    assert last < 0.1 * config.train.learning_rate

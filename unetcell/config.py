@@ -150,7 +150,7 @@ class TrainConfig:
     optimizer: str = "adam"  # adam | sgd (momentum below; the paper's choice)
     learning_rate: float = 1e-3
     # constant, or cosine: a linear warm-up over the first 5 % of the steps, then a cosine
-    # decay to zero at the last step (epochs x steps_per_epoch).
+    # decay towards zero at the last step (epochs x steps_per_epoch).
     schedule: str = "constant"
     momentum: float = 0.99  # sgd only
     val_fraction: float = 0.2  # 0: no validation

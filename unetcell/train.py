@@ -57,16 +57,20 @@ RUN_FILES = ("model.keras", "last.keras", "state.json", "history.csv", "config.t
 STATE_ENTRY = "unetcell_state.json"
 
 
-def learning_rate(config: Config):
-    """The learning rate, or its schedule over the run's steps (driven by the optimizer's
-    step count, which last.keras keeps, so --resume continues the same curve)."""
+def scheduled_learning_rate(config: Config, step: int) -> float:
+    """The learning rate of step `step` (0-based, counted over the whole run): constant, or
+    cosine: a linear warm-up over the first 5 % of the steps, then a cosine decay towards zero
+    at the last step. The loop sets it before every step from the run's own step count, so a
+    resumed run, even one given more epochs, follows its configuration's curve."""
     t = config.train
     if t.schedule == "constant":
         return t.learning_rate
     total = t.epochs * t.steps_per_epoch
     warmup = max(1, total // 20)
-    return keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=max(1, total - warmup), warmup_target=t.learning_rate, warmup_steps=warmup)
+    if step < warmup:
+        return t.learning_rate * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return t.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
@@ -74,8 +78,8 @@ def make_optimizer(config: Config) -> keras.optimizers.Optimizer:
     if t.optimizer == "sgd":
         # The paper's momentum of 0.99 averages over ~100 steps; with a mean-reduced loss it
         # needs a smaller learning rate than a summed one (DESIGN.md: 1e-2 diverged).
-        return keras.optimizers.SGD(learning_rate(config), momentum=t.momentum)
-    return keras.optimizers.Adam(learning_rate(config))
+        return keras.optimizers.SGD(t.learning_rate, momentum=t.momentum)
+    return keras.optimizers.Adam(t.learning_rate)
 
 
 class Trainer:
@@ -355,6 +359,7 @@ def _train(
     callbacks.on_train_begin()
     batches = iter(train_ds)
     resume_hint = f"unetcell train {data} --out {run_dir} --resume"
+    scheduled = config.train.schedule != "constant"
     with _stop_requests() as stop:
         for epoch in range(epochs_done, config.train.epochs):
             callbacks.on_epoch_begin(epoch)
@@ -362,6 +367,8 @@ def _train(
             total = loss_sum if epoch == epochs_done else 0.0
             for step in range(first, steps):
                 callbacks.on_train_batch_begin(step)
+                if scheduled:
+                    trainer.optimizer.learning_rate = scheduled_learning_rate(config, epoch * steps + step)
                 loss = float(trainer.distributed_train_step(next(batches)))
                 if not math.isfinite(loss):
                     raise TrainingStopped(_diverged(run_dir, loss, epoch, step, config))
