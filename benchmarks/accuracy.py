@@ -11,8 +11,11 @@ Budgets at 16 filters, --val-fraction 0 (what ../shared/acceptance/11-accuracy t
 
 Methods, each scored on the same test images:
   otsu+watershed   no network: Otsu's threshold of the image, then the distance watershed
-  round-1          the network's map, the paper's connected components at 0.5
-  new              the network's map, the defaults of this version (`Config().predict`)
+  round-1          round 1's defaults: the paper's network (no batch normalisation), a constant
+                   learning rate, the paper's connected components at 0.5, min size 16
+  new              this version's defaults (`Config()`), each split trained on its own, scored
+                   with the post-processing stored with its model (the min size it measured on
+                   the training masks)
 Instances: F1 at IoU 0.5 and mean AP over IoU 0.5:0.95 (pooled over the test images; EM cells
 are the 4-connected components of the mask). EM also: pixel error of probability > 0.5 against
 the mask, and the adapted Rand error. Models and probability maps are kept in --work, so a
@@ -36,6 +39,7 @@ from skimage.measure import label
 
 from unetcell.config import Config
 from unetcell.evaluate import pool, score_image
+from unetcell.model import saved_config
 from unetcell.normalize import normalize
 from unetcell.postprocess import instances, split_touching
 
@@ -88,12 +92,21 @@ def otsu_watershed(image: np.ndarray) -> np.ndarray:
     return instances(np.where(split_touching(labels) > 0, 0.9, 0.1).astype(np.float32))
 
 
-def train_split(name: str, seed: int, budget: str, work: Path, reuse: bool, config: Config) -> Path:
+PRESETS = {  # method: the configuration it trains and predicts with
+    "round-1": (Config().override("model", batch_norm=False).override("train", schedule="constant")
+                .override("predict", threshold=0.5, min_size=16, min_size_fraction=0.0,
+                          instances="components")),
+    "new": Config(),
+}
+
+
+def train_split(name: str, seed: int, budget: str, work: Path, reuse: bool, config: Config,
+                method: str = "new") -> Path:
     from unetcell.train import train
 
     _, train_folder, _, steps = SPLITS[name]
     factor = 10 if budget == "large" else 1
-    run = work / "runs" / f"{name}-seed{seed}-{budget}"
+    run = work / "runs" / f"{name}-{method}-seed{seed}-{budget}"
     if reuse and (run / "model.keras").exists():
         return run / "model.keras"
     config = (config.override("model", filters=16)
@@ -128,13 +141,11 @@ def score(truths, predictions) -> dict:
     return {"f1": pooled["f1_50"], "ap": pooled["mean_ap"], "rand": pooled["rand_error"]}
 
 
-def methods(config: Config) -> dict:
-    p = config.predict
-    return {
-        "round-1": lambda prob: instances(prob, 0.5, 16, "components"),
-        "new": lambda prob: instances(prob, p.threshold, p.min_size, p.instances, p.watershed_h,
-                                      p.watershed_ratio),
-    }
+def instances_of(model: Path):
+    """The step from probabilities to instances with the settings stored with `model`."""
+    p = saved_config(model).predict
+    return lambda prob: instances(prob, p.threshold, p.min_size, p.instances, p.watershed_h,
+                                  p.watershed_ratio)
 
 
 def main(argv=None) -> int:
@@ -152,7 +163,6 @@ def main(argv=None) -> int:
         print(f"{args.data}: no shared data here; run from the project root beside ../shared")
         return 1
     lay_out(args.data, args.work)
-    config = Config()
     rows = []
     for name, (kind, _, test_folder, _) in SPLITS.items():
         if kind not in args.sets:
@@ -167,9 +177,10 @@ def main(argv=None) -> int:
                 [np.mean((o > 0) != (tifffile.imread(m) > 0)) for o, m in zip(baseline, masks)]))
         rows.append((name, "otsu+watershed", "-", otsu))
         for seed in args.seeds:
-            model = train_split(name, seed, args.budget, args.work, args.reuse, config)
-            maps = probability_maps(model, images, args.reuse)
-            for method, make in methods(config).items():
+            for method, config in PRESETS.items():
+                model = train_split(name, seed, args.budget, args.work, args.reuse, config, method)
+                maps = probability_maps(model, images, args.reuse)
+                make = instances_of(model)
                 result = score(truths, [make(p) for p in maps])
                 if kind == "em":
                     result["pixel_error"] = float(np.mean(
