@@ -119,6 +119,8 @@ def test_strided_size_rules():
     assert TileGeometry.for_config(config) == TileGeometry(576, 576)
     separable = Config().override("model", arch="unet-separable")
     assert TileGeometry.for_config(separable) == TileGeometry(572, 388)
+    assert Geometry.of_config(ModelConfig(arch="unet-separable", depth=2, padding="same")) == \
+        Geometry.of_model(tiny("unet-separable", depth=2, padding="same")) == Geometry(2, "same")
     with pytest.raises(ConfigError, match="measured on the built network"):
         _ = fcn.context
 

@@ -210,7 +210,7 @@ class Geometry:
     def of_config(cls, config) -> Geometry:
         """From a `unetcell.config.ModelConfig` (for FCN-8s and DeepLabv3+ without the measured
         receptive field, which needs the network: `of_model`)."""
-        arch = getattr(config, "arch", "unet")
+        arch = config.arch if config.arch in STRIDES else "unet"  # unet-separable: the U-Net's sizes
         upsampling = "bilinear" if arch == "deeplabv3plus" else config.upsampling
         return cls(config.depth, config.padding, upsampling, arch)
 
