@@ -82,6 +82,8 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 @click.option("--steps-per-epoch", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--tile", type=int, help="Input tile edge (rounded to the nearest valid size).")
+@click.option("--arch", type=click.Choice(["unet", "unet-separable", "fcn8s", "deeplabv3plus"]),
+              help="Network: the paper's U-Net (default) or one to compare (README, Architectures).")
 @click.option("--filters", type=int, help="Filters of the first level (paper: 64).")
 @click.option("--depth", type=int, help="Number of poolings (paper: 4).")
 @click.option("--padding", type=click.Choice(["valid", "same"]))
@@ -100,7 +102,7 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--save-targets", is_flag=True, help="Write PNGs of the class and weight maps to RUN/targets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
-def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch_size, tile, filters, depth,
+def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch_size, tile, arch, filters, depth,
           padding, learning_rate, optimizer, val_fraction, seed, channels, deterministic, strategy,
           mixed_precision, no_augment, resume, save_targets, overwrite):
     """Train a U-Net on DATA (images/ and masks/) and write the run to --out.
@@ -116,7 +118,7 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
         config_path = os.path.join(run_dir, "config.toml")
     config = (
         _load(config_path)
-        .override("model", filters=filters, depth=depth, padding=padding, pick_channels=channels)
+        .override("model", arch=arch, filters=filters, depth=depth, padding=padding, pick_channels=channels)
         .override("train", epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
                   tile=tile, learning_rate=learning_rate, optimizer=optimizer,
                   val_fraction=val_fraction, seed=seed, deterministic=deterministic,

@@ -35,10 +35,18 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+ARCHITECTURES = ("unet", "unet-separable", "fcn8s", "deeplabv3plus")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The U-Net (paper section 2, Figure 1). The defaults are the paper's network."""
 
+    # unet: the paper's network; unet-separable: the same with depthwise separable 3x3
+    # convolutions; fcn8s (Long et al. 2015) and deeplabv3plus (Chen et al. 2018) for comparison
+    # (README, Architectures). depth, padding and dropout are the U-Nets' settings: FCN-8s has
+    # five poolings and DeepLabv3+ output stride 16, both zero-padded by construction.
+    arch: str = "unet"
     channels: int = 1  # input channels
     # --channels, applied to every image in train, predict and evaluate before the model sees
     # it: "" all channels as stored, "0,2" these in this order, "gray" the mean of all.
@@ -52,6 +60,10 @@ class ModelConfig:
     dropout: float = 0.5  # at the end of the contracting path (paper section 3.1)
 
     def __post_init__(self) -> None:
+        _check(
+            self.arch in ARCHITECTURES,
+            f"model.arch must be one of {', '.join(ARCHITECTURES)}. Received: {self.arch!r}",
+        )
         _check(self.channels >= 1, f"model.channels must be >= 1. Received: {self.channels}")
         _check(
             re.fullmatch(r"(gr[ae]y|\d+(\s*,\s*\d+)*)?", self.pick_channels.strip().lower()) is not None,

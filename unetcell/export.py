@@ -102,7 +102,7 @@ def serving_module(model, config: Config, tile: int | None = None, batch_size: i
     import tensorflow as tf
 
     from .predict import choose_tile
-    from .tiling import Geometry, foreground, tiled_forward
+    from .tiling import Geometry, foreground, needs_static_shapes, tiled_forward
 
     geometry = Geometry.of_model(model)
     tile = choose_tile(config.predict.tile if tile is None else tile, geometry)[0]
@@ -120,7 +120,12 @@ def serving_module(model, config: Config, tile: int | None = None, batch_size: i
         return {FOREGROUND: foreground(probabilities), CLASSES: probabilities}
 
     module = tf.Module()
-    module.model = model  # tracked: its weights become the SavedModel's variables
+    if needs_static_shapes(geometry):
+        # Saving a tracked Keras model also traces its own default signature with open height
+        # and width, which bilinear UpSampling2D (DeepLabv3+) cannot run: track the weights alone.
+        module.weights = list(model.weights)
+    else:
+        module.model = model  # tracked: its weights become the SavedModel's variables
     module.serve = serve
     return module
 

@@ -27,6 +27,12 @@ from .errors import ConfigError
 
 _CONVS_PER_LEVEL = 2
 
+# The architectures compared with the U-Net (`unetcell.fcn`, `unetcell.deeplab`) are zero-padded
+# throughout, so their size rule is their total stride alone: valid inputs are its multiples
+# and the output has the input's size. Their tiling context is their receptive field, measured
+# on the built network (`unetcell.receptive`). unet-separable has the U-Net's arithmetic.
+STRIDES = {"fcn8s": 32, "deeplabv3plus": 16}
+
 
 def _trim(padding: str) -> int:
     """Pixels one level's two 3x3 convolutions remove from a size."""
@@ -113,9 +119,9 @@ class TileGeometry:
     @classmethod
     def for_config(cls, config) -> TileGeometry:
         """From a `unetcell.config.Config`: its train.tile rounded to the nearest valid size."""
-        m = config.model
-        size = valid_input_size(config.train.tile, m.depth, m.padding)
-        return cls(size, output_size(size, m.depth, m.padding))
+        geometry = Geometry.of_config(config.model)
+        size = geometry.valid_tile(config.train.tile)
+        return cls(size, geometry.output_size(size))
 
 
 @dataclass(frozen=True)
@@ -132,22 +138,37 @@ class Geometry:
       pixels up to the receptive field away from a tile edge, which measured at most
       margin + 2.2 * 2**depth (depth 1-4); such networks get 8 * 2**depth and the output is
       cropped by `crop` = context - margin, which makes them exact too.
+
+    The architectures of `STRIDES` (FCN-8s, DeepLabv3+) have no margin and a grid of their
+    stride; their `context` is `receptive` (the receptive field's radius in pixels, measured
+    on the built network by `Geometry.of_model`) rounded up to the grid.
     """
 
     depth: int
     padding: str = "valid"
     upsampling: str = "transpose"
+    arch: str = "unet"
+    receptive: int = 0  # measured radius of the receptive field (STRIDES architectures)
+
+    @property
+    def strided(self) -> bool:
+        return self.arch in STRIDES
 
     @property
     def margin(self) -> int:
-        return margin(self.depth, self.padding)
+        return 0 if self.strided else margin(self.depth, self.padding)
 
     @property
     def grid(self) -> int:
-        return 2**self.depth
+        return STRIDES[self.arch] if self.strided else 2**self.depth
 
     @property
     def context(self) -> int:
+        if self.strided:
+            if self.receptive < 1:
+                raise ConfigError(f"the tiling context of {self.arch} is measured on the built "
+                                  "network: use Geometry.of_model")
+            return -(-self.receptive // self.grid) * self.grid
         if self.padding == "valid" and self.upsampling == "transpose":
             return self.margin
         return 8 * self.grid
@@ -157,20 +178,41 @@ class Geometry:
         return self.context - self.margin
 
     def valid_tile(self, size: int, rounding: str = "nearest") -> int:
+        if self.strided:
+            # The multiples of the stride (the lattice below with first = grid).
+            steps = {"up": -(-size // self.grid), "down": size // self.grid}.get(
+                rounding, (2 * size + self.grid) // (2 * self.grid))
+            return max(1, steps) * self.grid
         return valid_input_size(size, self.depth, self.padding, rounding)
+
+    def output_size(self, input_size: int) -> int:
+        """The output edge for a valid input edge."""
+        if self.strided:
+            self.check_tile(input_size)
+            return input_size
+        return output_size(input_size, self.depth, self.padding)
+
+    def describe(self) -> str:
+        """The network in words, for messages: "a depth-4 U-Net with valid padding"."""
+        if self.strided:
+            return f"{self.arch} (stride {self.grid})"
+        return f"a depth-{self.depth} U-Net with {self.padding} padding"
 
     def check_tile(self, tile: int) -> None:
         """ConfigError naming the nearest valid size when `tile` is not a valid input edge."""
         if self.valid_tile(tile) != tile:
             raise ConfigError(
-                f"tile {tile} is not a valid input size for depth {self.depth} with "
-                f"{self.padding} padding; nearest valid size: {self.valid_tile(tile)}"
+                f"tile {tile} is not a valid input size for {self.describe()}; "
+                f"nearest valid size: {self.valid_tile(tile)}"
             )
 
     @classmethod
     def of_config(cls, config) -> Geometry:
-        """From a `unetcell.config.ModelConfig`."""
-        return cls(config.depth, config.padding, config.upsampling)
+        """From a `unetcell.config.ModelConfig` (for FCN-8s and DeepLabv3+ without the measured
+        receptive field, which needs the network: `of_model`)."""
+        arch = config.arch if config.arch in STRIDES else "unet"  # unet-separable: the U-Net's sizes
+        upsampling = "bilinear" if arch == "deeplabv3plus" else config.upsampling
+        return cls(config.depth, config.padding, upsampling, arch)
 
     @classmethod
     def of_model(cls, model) -> Geometry:
@@ -178,8 +220,18 @@ class Geometry:
         padding, the up-sampling layers), so a model is never tiled by a config's word."""
         import keras
 
+        names = {layer.name for layer in model.layers}
+        for arch, marker in (("fcn8s", "score_pool3"), ("deeplabv3plus", "aspp_pool")):
+            if marker in names:
+                from .receptive import receptive_radius
+
+                ups = [layer for layer in model.layers if isinstance(layer, keras.layers.UpSampling2D)]
+                upsampling = ups[0].interpolation if ups else "transpose"
+                return cls(STRIDES[arch].bit_length() - 1, "same", upsampling, arch,
+                           receptive_radius(model, STRIDES[arch]))
         depth = sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
-        convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+        convs = [layer for layer in model.layers
+                 if isinstance(layer, (keras.layers.Conv2D, keras.layers.SeparableConv2D))]
         if depth < 1 or not convs:
             raise ConfigError(f"model {model.name!r} does not look like a U-Net (no pooling or convolution)")
         ups = [layer for layer in model.layers if isinstance(layer, keras.layers.UpSampling2D)]
@@ -257,8 +309,8 @@ def max_stride(tile: int, geometry: Geometry) -> int:
     stride = (tile - 2 * geometry.context) // geometry.grid * geometry.grid
     if stride < geometry.grid:
         raise ConfigError(
-            f"tile {tile} is too small for a U-Net of depth {geometry.depth} with "
-            f"{geometry.padding} padding: it needs at least {smallest_tile(geometry)}"
+            f"tile {tile} is too small for {geometry.describe()}: it needs at least "
+            f"{smallest_tile(geometry)}"
         )
     return stride
 

@@ -49,16 +49,25 @@ def build_unet(config: ModelConfig | None = None, name: str = "unet") -> keras.M
 
     The input's height and width are left open, so one model serves training tiles and
     prediction tiles of any valid size.
+
+    With `config.arch` "unet-separable" every 3x3 convolution is depthwise separable (a 3x3
+    filter per channel, then a 1x1 convolution across channels, as in Xception and
+    DeepLabv3+): the same receptive field and size arithmetic for about 1/9 + 1/filters of the
+    weights and multiply-adds (README, Architectures).
     """
     config = config or ModelConfig()
-    conv = dict(
-        kernel_size=3, padding=config.padding, kernel_initializer="he_normal",
-        use_bias=not config.batch_norm,
-    )
+    common = dict(kernel_size=3, padding=config.padding, use_bias=not config.batch_norm)
+    if config.arch == "unet-separable":
+        make_conv = lambda filters, name: layers.SeparableConv2D(  # noqa: E731
+            filters, depthwise_initializer="he_normal", pointwise_initializer="he_normal",
+            name=name, **common)
+    else:
+        make_conv = lambda filters, name: layers.Conv2D(  # noqa: E731
+            filters, kernel_initializer="he_normal", name=name, **common)
 
     def double_conv(x, filters, prefix):
         for i in (1, 2):
-            x = layers.Conv2D(filters, name=f"{prefix}_conv{i}", **conv)(x)
+            x = make_conv(filters, f"{prefix}_conv{i}")(x)
             if config.batch_norm:
                 x = layers.BatchNormalization(name=f"{prefix}_bn{i}")(x)
             x = layers.ReLU(name=f"{prefix}_relu{i}")(x)
@@ -93,6 +102,21 @@ def build_unet(config: ModelConfig | None = None, name: str = "unet") -> keras.M
     # float32 softmax keeps probabilities exact under a mixed-precision policy.
     outputs = layers.Softmax(dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def build_model(config: ModelConfig | None = None) -> keras.Model:
+    """The network `config.arch` names, built from scratch: the U-Net (or its separable
+    variant), FCN-8s (`unetcell.fcn`) or DeepLabv3+ (`unetcell.deeplab`)."""
+    config = config or ModelConfig()
+    if config.arch == "fcn8s":
+        from .fcn import build_fcn8s
+
+        return build_fcn8s(config)
+    if config.arch == "deeplabv3plus":
+        from .deeplab import build_deeplabv3plus
+
+        return build_deeplabv3plus(config)
+    return build_unet(config, name=config.arch.replace("-", "_"))
 
 
 @keras.saving.register_keras_serializable(package="unetcell")

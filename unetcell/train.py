@@ -49,7 +49,7 @@ from .distribute import Role, make_strategy, role, worker_dir
 from .errors import OutputExistsError, TrainingStopped, UnetcellError
 from .files import write_text_atomic
 from .losses import WeightedCrossEntropy, foreground_counts, pixel_losses
-from .model import build_unet, load_model, save_model, saved_config, saved_entry
+from .model import build_model, load_model, save_model, saved_config, saved_entry
 
 RUN_FILES = ("model.keras", "last.keras", "state.json", "history.csv", "config.toml")
 
@@ -92,7 +92,7 @@ class Trainer:
         self.geometry = TileGeometry.for_config(config)
         with self.strategy.scope(), precision_policy(config.train.mixed_precision):
             # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
-            self.model = model or build_unet(config.model)
+            self.model = model or build_model(config.model)
             if model is None or model.optimizer is None:
                 self.model.compile(optimizer=make_optimizer(config), loss=WeightedCrossEntropy())
             self.optimizer = self.model.optimizer

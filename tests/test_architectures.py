@@ -1,0 +1,204 @@
+"""The architectures beside the U-Net (--arch): their structure, their size rules, the measured
+receptive field that tiles them, tiled prediction against one whole-image pass, and export."""
+
+import keras
+import numpy as np
+import pytest
+
+from unetcell.config import ARCHITECTURES, Config, ModelConfig, config_from_dict
+from unetcell.deeplab import ASPP_RATES, IMAGE_POOL_WINDOW
+from unetcell.errors import ConfigError
+from unetcell.fcn import bilinear_kernel
+from unetcell.geometry import Geometry, TileGeometry, smallest_tile
+from unetcell.model import build_model, build_unet, load_model, save_model
+from unetcell.receptive import impulse_response_radius, receptive_radius
+from unetcell.tiling import forward_fn, predict_tiled, whole_image_predict
+
+
+def tiny(arch, **model):
+    keras.utils.set_random_seed(1)
+    return build_model(ModelConfig(arch=arch, filters=4, dropout=0.0, **model))
+
+
+def test_arch_defaults_to_unet_and_a_config_saved_without_it_loads_as_unet():
+    assert ModelConfig().arch == "unet"
+    assert config_from_dict({"model": {"filters": 8, "depth": 3}}).model.arch == "unet"
+    with pytest.raises(ConfigError, match="model.arch must be one of unet, unet-separable"):
+        ModelConfig(arch="segnet")
+
+
+def test_a_unet_saved_before_arch_existed_loads_and_tiles_as_the_unet(tmp_path):
+    config = Config().override("model", filters=4, depth=2, dropout=0.0)
+    model = build_unet(config.model)
+    path = save_model(model, tmp_path / "old.keras", config)
+    # What an older unetcell wrote: the same file with no arch in its [model] table.
+    import zipfile
+
+    from unetcell.model import CONFIG_ENTRY
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    text = entries[CONFIG_ENTRY].decode().replace('arch = "unet"\n', "")
+    assert "arch" not in text
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, text if name == CONFIG_ENTRY else data)
+    loaded, saved = load_model(path)
+    assert saved.model.arch == "unet" and loaded.name == "unet"
+    assert Geometry.of_model(loaded) == Geometry(2, "valid", "transpose")
+
+
+def test_build_model_builds_each_architecture_with_the_input_size_as_output():
+    for arch, size, out in (("unet", 140, 100), ("unet-separable", 140, 100), ("fcn8s", 96, 96),
+                            ("deeplabv3plus", 80, 80)):
+        model = tiny(arch, depth=2) if arch.startswith("unet") else tiny(arch)
+        y = np.asarray(model(np.random.default_rng(0).random((1, size, size, 1), np.float32)))
+        assert y.shape == (1, out, out, 2), arch
+        np.testing.assert_allclose(y.sum(-1), 1, atol=1e-5)
+
+
+def test_separable_unet_has_the_unets_shape_for_far_fewer_weights():
+    plain = build_unet(ModelConfig(filters=64))
+    separable = build_unet(ModelConfig(arch="unet-separable", filters=64))
+    assert [layer.name for layer in plain.layers] == [layer.name for layer in separable.layers]
+    # Each 3x3 convolution n -> m: 9nm weights plain, 9n + nm separable; the rest is shared.
+    saved = sum(9 * n * m - 9 * n - n * m
+                for layer in plain.layers if getattr(layer, "kernel_size", None) == (3, 3)
+                for n, m in [layer.kernel.shape[2:]])
+    assert plain.count_params() - separable.count_params() == saved
+    assert separable.count_params() / plain.count_params() < 0.2
+    assert sum(isinstance(layer, keras.layers.SeparableConv2D) for layer in separable.layers) == 18
+
+
+def test_fcn8s_skip_architecture_and_bilinear_upsampling():
+    model = tiny("fcn8s")
+    names = {layer.name: layer for layer in model.layers}
+    assert {"score_pool3", "score_pool4", "fuse_pool3", "fuse_pool4", "upscore8"} <= set(names)
+    # Skip scores start at zero (training starts as FCN-32s); the 8x step is fixed.
+    assert not np.any(names["score_pool4"].get_weights()[0])
+    assert not names["upscore8"].trainable and names["upscore2"].trainable
+    # The transposed convolution with the bilinear kernel is bilinear interpolation: a linear
+    # ramp comes out as the finer ramp (away from the zero-padded border).
+    layer = keras.layers.Conv2DTranspose(1, 16, strides=8, padding="same", use_bias=False)
+    layer.build((None, None, None, 1))
+    layer.set_weights([bilinear_kernel(16, 1)])
+    ramp = np.arange(8, dtype=np.float32)
+    coarse = np.broadcast_to(ramp[:, None], (8, 8))[None, :, :, None]
+    fine = np.asarray(layer(coarse))[0, :, :, 0]
+    expected = (np.arange(64) - 3.5) / 8  # pixel centres of the fine grid in coarse units
+    np.testing.assert_allclose(fine[8:-8, 32], expected[8:-8], atol=1e-5)
+
+
+def test_deeplab_has_aspp_rates_image_pooling_separable_convs_and_low_level_decoder():
+    model = tiny("deeplabv3plus")
+    layers = {layer.name: layer for layer in model.layers}
+    for rate in ASPP_RATES:
+        assert isinstance(layers[f"aspp_rate{rate}"], keras.layers.SeparableConv2D)
+        assert layers[f"aspp_rate{rate}"].dilation_rate == (rate, rate)
+    assert layers["aspp_pool"].pool_size == (IMAGE_POOL_WINDOW, IMAGE_POOL_WINDOW)
+    assert layers["block4_sep1"].dilation_rate == (2, 2)  # atrous, output stride 16 kept
+    assert isinstance(layers["decoder_sep1"], keras.layers.SeparableConv2D)
+    # The decoder merges stride-4 features: it sees input detail finer than stride 16.
+    assert layers["decoder_concat"].input[1].shape[-1] == 6
+
+
+def test_image_pooling_over_the_window_is_the_whole_tile_average_on_a_training_tile():
+    x = np.random.default_rng(0).random((1, 16, 16, 3)).astype(np.float32)  # a 256-pixel tile
+    pooled = np.asarray(keras.layers.AveragePooling2D(IMAGE_POOL_WINDOW, strides=1, padding="same")(x))
+    np.testing.assert_allclose(pooled, np.broadcast_to(x.mean((1, 2), keepdims=True), x.shape), rtol=1e-5)
+
+
+def test_strided_size_rules():
+    fcn = Geometry.of_config(ModelConfig(arch="fcn8s"))
+    assert (fcn.grid, fcn.margin, fcn.valid_tile(100), fcn.valid_tile(100, "up"), fcn.output_size(96)) == (
+        32, 0, 96, 128, 96)
+    with pytest.raises(ConfigError, match=r"for fcn8s \(stride 32\); nearest valid size: 96"):
+        fcn.check_tile(100)
+    deeplab = Geometry.of_config(ModelConfig(arch="deeplabv3plus"))
+    assert (deeplab.grid, deeplab.valid_tile(572), deeplab.upsampling) == (16, 576, "bilinear")
+    config = Config().override("model", arch="deeplabv3plus").override("train", tile=572)
+    assert TileGeometry.for_config(config) == TileGeometry(576, 576)
+    separable = Config().override("model", arch="unet-separable")
+    assert TileGeometry.for_config(separable) == TileGeometry(572, 388)
+    assert Geometry.of_config(ModelConfig(arch="unet-separable", depth=2, padding="same")) == \
+        Geometry.of_model(tiny("unet-separable", depth=2, padding="same")) == Geometry(2, "same")
+    with pytest.raises(ConfigError, match="measured on the built network"):
+        _ = fcn.context
+
+
+def test_impulse_probe_measures_known_receptive_fields():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(4, 5, padding="same", activation="relu")(inputs)  # radius 2
+    x = keras.layers.Conv2D(4, 3, padding="same", dilation_rate=6, activation="relu")(x)  # + 6
+    x = keras.layers.MaxPooling2D(2)(x)  # + up to 1
+    x = keras.layers.Conv2D(2, 3, padding="same")(x)  # + 2 at stride 2
+    x = keras.layers.UpSampling2D(2)(x)
+    model = keras.Model(inputs, x)
+    # 2 + 6 + 1 + 2 * 1 (the 3x3 at stride 2) + 1 (pool and nearest grouping) = 11 at most.
+    radius = receptive_radius(model, grid=2)
+    assert 9 <= radius <= 11, radius
+    assert receptive_radius(model, grid=2) == radius  # cached on the model
+
+    inputs = keras.Input((None, None, 1))
+    pooled = keras.layers.GlobalAveragePooling2D(keepdims=True)(inputs)
+    model = keras.Model(inputs, keras.layers.Add()([inputs, pooled]))
+    with pytest.raises(ConfigError, match="cannot be tiled exactly"):
+        receptive_radius(model, grid=2)
+
+
+def test_impulse_probe_reports_a_field_reaching_the_edge_as_unknown():
+    assert impulse_response_radius(lambda x: x.cumsum(axis=1), 64, 1, 8) is None
+    assert impulse_response_radius(lambda x: x, 64, 1, 8) == 0
+
+
+def test_measured_field_of_a_padded_unet_is_inside_its_context_rule():
+    model = tiny("unet", depth=2, padding="same")
+    assert receptive_radius(model, 4) <= Geometry.of_model(model).context
+
+
+# Tiled against one pass over the whole mirrored image, per architecture: every pixel kept from
+# a tile at least the measured receptive field away from that tile's zero padding.
+@pytest.mark.parametrize("arch, model, tolerance", [
+    ("unet-separable", dict(depth=2), 1e-5),
+    ("unet-separable", dict(depth=2, padding="same", upsampling="bilinear"), 1e-5),
+    ("fcn8s", {}, 1e-5),
+    ("deeplabv3plus", {}, 1e-5),
+])
+def test_tiled_prediction_equals_the_whole_image_pass(arch, model, tolerance):
+    net = tiny(arch, **model)
+    geometry = Geometry.of_model(net)
+    predict_fn = forward_fn(net, "foreground", geometry)
+    image = np.random.default_rng(4).random((150, 170, 1)).astype(np.float32)
+    tile = geometry.valid_tile(smallest_tile(geometry) + 2 * geometry.grid, "up")
+    tiled = predict_tiled(image, predict_fn, tile, geometry)
+    whole = whole_image_predict(image, predict_fn, geometry)
+    assert tiled.shape == whole.shape == (150, 170)
+    error = np.abs(tiled - whole).max()
+    assert error <= tolerance
+    # The test has teeth: with a quarter of the measured context the seams show.
+    if geometry.strided:
+        short = Geometry(geometry.depth, "same", geometry.upsampling, arch, geometry.receptive // 4)
+        seamed = predict_tiled(image, predict_fn, short.valid_tile(smallest_tile(short) + 2 * short.grid, "up"), short)
+        assert np.abs(seamed - whole).max() > 20 * max(error, 1e-6)
+
+
+def test_every_architecture_is_in_the_cli():
+    from click.testing import CliRunner
+
+    from unetcell.cli import main
+
+    help_text = CliRunner().invoke(main, ["train", "--help"]).output
+    for arch in ARCHITECTURES:
+        assert arch in help_text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["unet-separable", "fcn8s", "deeplabv3plus"])
+def test_export_serves_each_architecture_as_predict_does(arch, tmp_path):
+    from unetcell.export import check_export, export_model
+
+    config = Config().override("model", arch=arch, filters=4, depth=2, dropout=0.0)
+    keras.utils.set_random_seed(3)
+    model = save_model(build_model(config.model), tmp_path / "model.keras", config)
+    saved = export_model(model, tmp_path / "serving" / "1")
+    assert check_export(model, saved, shape=(150, 201)) < 1e-5
