@@ -65,10 +65,10 @@ def compute_targets(
         if path.exists():
             with np.load(path) as cached:
                 return cached["classes"], cached["weights"]
-    classes = targets.classes(labels, gap=config.gap)
-    weights = targets.weight_map(
+    classes, weights = targets.training_targets(
         labels, w0=config.w0, sigma=config.sigma, balance=config.balance, gap=config.gap
-    ).astype(np.float32)
+    )
+    weights = weights.astype(np.float32)
     if path is not None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
