@@ -3,6 +3,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 
 from unetcell.config import Config, load_config
 from unetcell.model import saved_config
@@ -48,6 +49,7 @@ def test_a_flat_optimum_keeps_the_defaults():
     assert tuned.f1 == tuned.default_f1 == 1.0
 
 
+@pytest.mark.slow
 def test_training_with_validation_stores_the_picked_settings_with_the_model(synth_folder, tmp_path, capsys):
     config = (Config().override("model", filters=4, depth=2)
               .override("train", tile=92, batch_size=2, epochs=1, steps_per_epoch=3, val_fraction=0.25))
