@@ -291,3 +291,41 @@ def test_instance_method_and_tta_from_the_command_line(model_file, tmp_path):
     assert np.abs(tifffile.imread(tmp_path / "tta.tif") - probability).max() > 1e-4
     bad = _run("predict", model_file, tmp_path / "x.tif", "-o", tmp_path / "z.tif", "--instances", "magic")
     assert bad.exit_code != 0 and "magic" in bad.output
+
+
+def test_predict_files_plans_and_checks_each_image_once(tmp_path, monkeypatch):
+    """One tile plan, one channel check and one writability check per output, with a
+    progress bar whose total is the plan's tile count."""
+    from conftest import save_bright_cells_unet
+
+    model = save_bright_cells_unet(tmp_path / "stub.keras")
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", _bright_squares(seed=len(name))[0])
+    counts = {"plan": 0, "channels": 0, "writable": 0}
+
+    def counting(name, function):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(predict_module, "tile_plan", counting("plan", predict_module.tile_plan))
+    monkeypatch.setattr(predict_module, "check_writable", counting("writable", predict_module.check_writable))
+    monkeypatch.setattr(predict_module.Predictor, "_check_channels",
+                        counting("channels", predict_module.Predictor._check_channels))
+    totals = []
+    real_tqdm = __import__("unetcell.progress", fromlist=["tqdm"]).tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bar = real_tqdm(*args, **kwargs)
+        totals.append(bar)
+        return bar
+
+    monkeypatch.setattr("unetcell.progress.tqdm", recording_tqdm)
+    results = predict_module.predict_files(
+        model, [tmp_path / "a.tif", tmp_path / "b.tif"], tmp_path / "out",
+        Config().override("predict", tile=20), output="both", overlay=True, progress=True)
+    assert counts == {"plan": 2, "channels": 2, "writable": 6}
+    assert [r.cells for r in results] == [6, 6]
+    tile_bars = [bar for bar in totals if bar.unit == "tile"]
+    assert [bar.total for bar in tile_bars] == [r.tiles for r in results] == [bar.n for bar in tile_bars]
