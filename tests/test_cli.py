@@ -40,3 +40,62 @@ def test_synth_then_train_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "using 92" in result.output  # the tile is rounded to a valid size and the user told
     assert (tmp_path / "run" / "model.keras").exists()
+
+
+def _config_given_to(monkeypatch, module: str, function: str, args: list[str]):
+    """The Config a command hands to the library, with the library call replaced."""
+    import importlib
+
+    seen = {}
+
+    def capture(*positional, **keywords):
+        seen["config"] = next(a for a in (*positional, *keywords.values()) if type(a).__name__ == "Config")
+        return []
+
+    monkeypatch.setattr(importlib.import_module(module), function, capture)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    return seen["config"]
+
+
+def test_train_options_set_their_config_fields_and_absent_ones_keep_the_file(monkeypatch, tmp_path):
+    from unetcell.config import Config, save_config
+
+    save_config(Config().override("train", epochs=7, seed=3).override("augment", elastic_p=0.1),
+                tmp_path / "c.toml")
+    base = ["train", str(tmp_path), "--out", str(tmp_path / "run"), "--config", str(tmp_path / "c.toml")]
+    config = _config_given_to(monkeypatch, "unetcell.train", "train", base)
+    assert config == Config().override("train", epochs=7, seed=3).override("augment", elastic_p=0.1)
+
+    config = _config_given_to(monkeypatch, "unetcell.train", "train", base + [
+        "--epochs", "2", "--steps-per-epoch", "5", "--batch-size", "3", "--tile", "188",
+        "--filters", "8", "--depth", "2", "--padding", "same", "--learning-rate", "0.01",
+        "--optimizer", "sgd", "--val-fraction", "0.5", "--channels", "gray", "--deterministic",
+        "--strategy", "default", "--mixed-precision", "bfloat16", "--no-augment",
+    ])
+    assert config.train == Config().train.__class__(
+        epochs=2, steps_per_epoch=5, batch_size=3, tile=188, optimizer="sgd", learning_rate=0.01,
+        val_fraction=0.5, seed=3, deterministic=True, strategy="default", mixed_precision="bfloat16")
+    assert (config.model.filters, config.model.depth, config.model.padding, config.model.pick_channels) == (
+        8, 2, "same", "gray")
+    assert config.augment.enabled is False and config.augment.elastic_p == 0.1
+
+
+def test_predict_options_override_the_settings_saved_with_the_model(monkeypatch, tmp_path):
+    import numpy as np
+
+    from unetcell.config import Config
+    from unetcell.io import write_tiff
+    from unetcell.model import build_unet, save_model
+
+    saved = Config().override("model", filters=2, depth=1).override("predict", threshold=0.6, min_size=5)
+    save_model(build_unet(saved.model), tmp_path / "m.keras", saved)
+    write_tiff(tmp_path / "x.tif", np.zeros((8, 8), np.uint8))
+    base = ["predict", str(tmp_path / "m.keras"), str(tmp_path / "x.tif"), "-o", str(tmp_path / "p.tif")]
+    assert _config_given_to(monkeypatch, "unetcell.predict", "predict_files", base) == saved
+    config = _config_given_to(monkeypatch, "unetcell.predict", "predict_files", base + [
+        "--tile", "60", "--batch-size", "2", "--threshold", "0.4", "--channels", "0",
+        "--instances", "components", "--tta"])
+    assert config.predict == saved.predict.__class__(
+        tile=60, batch_size=2, threshold=0.4, min_size=5, instances="components", tta=True)
+    assert config.model.pick_channels == "0" and config.model.filters == 2

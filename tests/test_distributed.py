@@ -135,6 +135,7 @@ def test_shards_of_predict_write_every_image_once_between_them(tmp_path):
 
 # --- mixed precision ----------------------------------------------------------------------
 
+@pytest.mark.slow  # one training step per precision
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_computes_low_keeps_float32_variables_and_probabilities(precision):
     config = TINY.override("train", mixed_precision=precision)

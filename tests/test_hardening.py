@@ -3,6 +3,7 @@ file named in the message, no traceback, and what is (or is not) on disk afterwa
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from unetcell.folders import discover_pairs
 from unetcell.model import VERSION_ENTRY, saved_entry
 from unetcell.predict import choose_tile
 from unetcell.tiling import Geometry, tile_plan
-from unetcell.train import STATE_ENTRY, RunCheckpoint, train
+from unetcell.train import STATE_ENTRY, RunCheckpoint, Trainer
 
 CLI = [sys.executable, "-m", "unetcell.cli"]
 TINY = (
@@ -77,9 +78,18 @@ def _refused(result, *words):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    train(_folder(root / "data"), root / "run", TINY, verbose=0)
-    return root / "run" / "model.keras"
+    """model.keras of a run folder as `train` leaves it after TINY's one epoch (model.keras,
+    last.keras with its state, config.toml), written by the run's own checkpoint callback
+    around an untrained network: these tests need the files, not a trained network."""
+    from unetcell.config import save_config
+
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    run.mkdir()
+    save_config(TINY, run / "config.toml")
+    checkpoint = RunCheckpoint(run, TINY, math.inf, None)
+    checkpoint.set_model(Trainer(TINY).model)
+    checkpoint.on_epoch_end(0)
+    return run / "model.keras"
 
 
 # --- bad folders: every problem of a folder in one message, nothing trained ----------------

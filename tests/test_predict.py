@@ -94,17 +94,38 @@ def test_cli_result_does_not_depend_on_the_tile_size(model_file, tmp_path):
     assert np.abs(a - b).max() <= 1e-5
 
 
-def test_labels_are_instances_of_the_stitched_probabilities(predictor, tmp_path):
-    image = _smooth_image((120, 90), seed=2)
+def _bright_squares(shape=(120, 90), seed=2):
+    """A noisy dark image with six bright 12 x 12 squares, apart, and their instance labels."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(shape, np.int32)
+    for k, (top, left) in enumerate([(5, 5), (5, 40), (40, 20), (45, 60), (80, 8), (95, 70)], start=1):
+        truth[top:top + 12, left:left + 12] = k
+    image = (rng.normal(50, 5, shape) + 150 * (truth > 0)).clip(0, 255).astype(np.uint8)
+    return image, truth
+
+
+def test_labels_and_probabilities_of_a_network_with_a_known_answer(tmp_path):
+    """A stand-in network whose probability is a known function of the intensity: the files
+    hold that function of the normalised image, and the labels are the six bright squares."""
+    from conftest import bright_cells_probability, save_bright_cells_unet
+
+    predictor = load_predictor(save_bright_cells_unet(tmp_path / "stub.keras"),
+                               Config().override("predict", tile=20))
+    image, truth = _bright_squares()
     tifffile.imwrite(tmp_path / "x.tif", image)
     result = predictor.predict_slide(tmp_path / "x.tif", probabilities=tmp_path / "p.tif",
                                      labels=tmp_path / "l.tif", overlay=tmp_path / "o.png")
+    assert result.tiles > 1  # several tiles: the seams are crossed
     probabilities = tifffile.imread(tmp_path / "p.tif")
+    expected = bright_cells_probability(normalize(image[..., None], predictor.config.normalize)[..., 0])
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
     labels = tifffile.imread(tmp_path / "l.tif")
     assert labels.dtype == np.int32 and labels.shape == (120, 90)
-    np.testing.assert_array_equal(labels, predictor.instances(probabilities))
-    np.testing.assert_array_equal(labels, predictor.labels(image))
-    assert result.cells == labels.max()
+    assert result.cells == 6
+    np.testing.assert_array_equal(labels > 0, truth > 0)
+    pairs = {(int(t), int(p)) for t, p in zip(truth[truth > 0], labels[truth > 0])}
+    assert len(pairs) == 6 and len({p for _, p in pairs}) == 6  # one label per square
+    np.testing.assert_array_equal(labels, predictor.labels(image))  # in memory as from the file
     assert iio.imread(tmp_path / "o.png").shape == (120, 90, 3)
 
 
@@ -270,3 +291,41 @@ def test_instance_method_and_tta_from_the_command_line(model_file, tmp_path):
     assert np.abs(tifffile.imread(tmp_path / "tta.tif") - probability).max() > 1e-4
     bad = _run("predict", model_file, tmp_path / "x.tif", "-o", tmp_path / "z.tif", "--instances", "magic")
     assert bad.exit_code != 0 and "magic" in bad.output
+
+
+def test_predict_files_plans_and_checks_each_image_once(tmp_path, monkeypatch):
+    """One tile plan, one channel check and one writability check per output, with a
+    progress bar whose total is the plan's tile count."""
+    from conftest import save_bright_cells_unet
+
+    model = save_bright_cells_unet(tmp_path / "stub.keras")
+    for name in ("a", "b"):
+        tifffile.imwrite(tmp_path / f"{name}.tif", _bright_squares(seed=len(name))[0])
+    counts = {"plan": 0, "channels": 0, "writable": 0}
+
+    def counting(name, function):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(predict_module, "tile_plan", counting("plan", predict_module.tile_plan))
+    monkeypatch.setattr(predict_module, "check_writable", counting("writable", predict_module.check_writable))
+    monkeypatch.setattr(predict_module.Predictor, "_check_channels",
+                        counting("channels", predict_module.Predictor._check_channels))
+    totals = []
+    real_tqdm = __import__("unetcell.progress", fromlist=["tqdm"]).tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bar = real_tqdm(*args, **kwargs)
+        totals.append(bar)
+        return bar
+
+    monkeypatch.setattr("unetcell.progress.tqdm", recording_tqdm)
+    results = predict_module.predict_files(
+        model, [tmp_path / "a.tif", tmp_path / "b.tif"], tmp_path / "out",
+        Config().override("predict", tile=20), output="both", overlay=True, progress=True)
+    assert counts == {"plan": 2, "channels": 2, "writable": 6}
+    assert [r.cells for r in results] == [6, 6]
+    tile_bars = [bar for bar in totals if bar.unit == "tile"]
+    assert [bar.total for bar in tile_bars] == [r.tiles for r in results] == [bar.n for bar in tile_bars]

@@ -344,6 +344,22 @@ def test_carved_gap_pixels_get_the_heavy_border_weight():
     assert weights[15, 15] == pytest.approx(1.0)  # a cell pixel: class term only
 
 
+def test_training_targets_carve_once_and_equal_classes_and_weight_map(monkeypatch):
+    import unetcell.targets as targets_module
+
+    labels = random_blobs((96, 96), 25, seed=3)
+    expected = (targets_module.classes(labels, gap=1),
+                weight_map(labels, w0=10.0, sigma=5.0, balance=0.5, gap=1))
+    calls = []
+    original = targets_module.carve_gaps
+    monkeypatch.setattr(targets_module, "carve_gaps", lambda *a, **k: calls.append(1) or original(*a, **k))
+    got = targets_module.training_targets(labels, w0=10.0, sigma=5.0, balance=0.5, gap=1)
+    assert len(calls) == 1
+    assert got[0].dtype == np.uint8 and np.array_equal(got[0], expected[0])
+    assert got[1].dtype == np.float32 and np.array_equal(got[1], expected[1])
+    assert expected[0].sum() < np.count_nonzero(labels)  # there were gaps to carve
+
+
 # --- masks as instances -----------------------------------------------------------------------
 
 

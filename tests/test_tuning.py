@@ -5,6 +5,7 @@ import dataclasses
 import glob
 
 import numpy as np
+import pytest
 import tifffile
 from skimage.measure import regionprops
 
@@ -63,6 +64,7 @@ def test_a_flat_optimum_keeps_the_defaults():
     assert tuned.f1 == tuned.default_f1 == 1.0
 
 
+@pytest.mark.slow
 def test_training_with_validation_stores_the_picked_settings_with_the_model(synth_folder, tmp_path, capsys):
     config = (Config().override("model", filters=4, depth=2)
               .override("train", tile=92, batch_size=2, epochs=1, steps_per_epoch=3, val_fraction=0.25))
@@ -76,6 +78,7 @@ def test_training_with_validation_stores_the_picked_settings_with_the_model(synt
     assert saved_config(tmp_path / "plain" / "model.keras") == untuned
 
 
+@pytest.mark.slow
 def test_training_raises_min_size_to_a_fraction_of_the_annotated_cells(synth_folder, tmp_path, capsys):
     config = (Config().override("model", filters=4, depth=2)
               .override("train", tile=92, epochs=1, steps_per_epoch=1, val_fraction=0)

@@ -56,6 +56,38 @@ config_option = click.option(
 )
 
 
+def setting(section: str, name: str, *decls: str, **attrs):
+    """An option that sets the config field `section.name` (a field of `unetcell.config`'s
+    dataclasses): a new setting on the command line is this one decorator line.
+
+    Not given, the option is None and the TOML file's (or the saved model's) value stands.
+    Its type is the field's (a bool field is a flag; `flag_value=False` makes a --no-X flag)
+    unless `type` is given. The command receives it in `**settings`, for `with_settings`.
+    """
+    from .config import Config
+
+    default = getattr(getattr(Config(), section), name)  # an unknown field fails at import
+    if isinstance(default, bool):
+        attrs.setdefault("is_flag", True)
+    elif "type" not in attrs:
+        attrs["type"] = type(default)
+    return click.option(*decls, f"{section}{_SEP}{name}", default=None, **attrs)
+
+
+_SEP = "__"  # between section and field in the parameter names `setting` gives click
+
+
+def with_settings(config, settings: dict):
+    """`config` with every option of `setting` that was given applied to its field."""
+    sections: dict[str, dict] = {}
+    for key, value in settings.items():
+        section, name = key.split(_SEP)
+        sections.setdefault(section, {})[name] = value
+    for section, values in sections.items():
+        config = config.override(section, **values)
+    return config
+
+
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--count", default=8, show_default=True, help="Number of images.")
@@ -78,33 +110,36 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 @config_option
 @click.option("--manual-dir", type=click.Path(exists=True, file_okay=False),
               help="For DATA tfds:NAME[/CONFIG][:SPLIT]: the folder with the data set's own files.")
-@click.option("--epochs", type=int)
-@click.option("--steps-per-epoch", type=int)
-@click.option("--batch-size", type=int)
-@click.option("--tile", type=int, help="Input tile edge (rounded to the nearest valid size).")
-@click.option("--arch", type=click.Choice(["unet", "unet-separable", "fcn8s", "deeplabv3plus"]),
-              help="Network: the paper's U-Net (default) or one to compare (README, Architectures).")
-@click.option("--filters", type=int, help="Filters of the first level (paper: 64).")
-@click.option("--depth", type=int, help="Number of poolings (paper: 4).")
-@click.option("--padding", type=click.Choice(["valid", "same"]))
-@click.option("--learning-rate", type=float)
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]))
-@click.option("--val-fraction", type=float, help="Share of images (or of a single image) held out; 0: none.")
-@click.option("--seed", type=int)
-@click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); kept with the model.")
-@click.option("--deterministic", is_flag=True, default=None, help="TensorFlow op determinism.")
-@click.option("--strategy", type=click.Choice(["auto", "default", "mirrored", "multi-worker"]),
-              help="tf.distribute strategy: mirrored = every GPU here; multi-worker = the cluster "
-                   "in TF_CONFIG or the Slurm step; auto picks one. --batch-size is per replica.")
-@click.option("--mixed-precision", type=click.Choice(["off", "bfloat16", "float16"]),
-              help="Compute in bfloat16 or float16 (GPUs), float32 variables and softmax.")
-@click.option("--no-augment", is_flag=True, help="Train on plain tiles.")
+@setting("train", "epochs", "--epochs", help="Epochs to train.")
+@setting("train", "steps_per_epoch", "--steps-per-epoch", help="Training steps (batches) per epoch.")
+@setting("train", "batch_size", "--batch-size", help="Tiles per step (per replica).")
+@setting("train", "tile", "--tile", help="Input tile edge (rounded to the nearest valid size).")
+@setting("model", "arch", "--arch", type=click.Choice(["unet", "unet-separable", "fcn8s", "deeplabv3plus"]),
+         help="Network: the paper's U-Net (default) or one to compare (README, Architectures).")
+@setting("model", "filters", "--filters", help="Filters of the first level (paper: 64).")
+@setting("model", "depth", "--depth", help="Number of poolings (paper: 4).")
+@setting("model", "padding", "--padding", type=click.Choice(["valid", "same"]),
+         help="valid: the paper's unpadded convolutions; same: zero padding.")
+@setting("train", "learning_rate", "--learning-rate", help="The optimizer's learning rate.")
+@setting("train", "schedule", "--schedule", type=click.Choice(["constant", "cosine"]),
+         help="Learning rate: constant, or cosine decay after a 5 % warm-up.")
+@setting("train", "optimizer", "--optimizer", type=click.Choice(["adam", "sgd"]),
+         help="adam, or sgd with the paper's momentum.")
+@setting("train", "val_fraction", "--val-fraction", help="Share of images (or of a single image) held out; 0: none.")
+@setting("train", "seed", "--seed", help="Same seed, same tiles, augmentations and initial weights.")
+@setting("model", "pick_channels", "--channels",
+         help="Pick or reorder channels (0,2) or average them (gray); kept with the model.")
+@setting("train", "deterministic", "--deterministic", help="TensorFlow op determinism.")
+@setting("train", "strategy", "--strategy", type=click.Choice(["auto", "default", "mirrored", "multi-worker"]),
+         help="tf.distribute strategy: mirrored = every GPU here; multi-worker = the cluster "
+              "in TF_CONFIG or the Slurm step; auto picks one. --batch-size is per replica.")
+@setting("train", "mixed_precision", "--mixed-precision", type=click.Choice(["off", "bfloat16", "float16"]),
+         help="Compute in bfloat16 or float16 (GPUs), float32 variables and softmax.")
+@setting("augment", "enabled", "--no-augment", flag_value=False, help="Train on plain tiles.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--save-targets", is_flag=True, help="Write PNGs of the class and weight maps to RUN/targets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
-def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch_size, tile, arch, filters, depth,
-          padding, learning_rate, optimizer, val_fraction, seed, channels, deterministic, strategy,
-          mixed_precision, no_augment, resume, save_targets, overwrite):
+def train(data, run_dir, config_path, manual_dir, resume, save_targets, overwrite, **settings):
     """Train a U-Net on DATA (images/ and masks/) and write the run to --out.
 
     DATA may also be a public data set, tfds:NAME[/CONFIG][:SPLIT] with --manual-dir
@@ -116,15 +151,7 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
     # A resumed run continues with its own settings; options given now override them.
     if resume and config_path is None and os.path.exists(os.path.join(run_dir, "config.toml")):
         config_path = os.path.join(run_dir, "config.toml")
-    config = (
-        _load(config_path)
-        .override("model", arch=arch, filters=filters, depth=depth, padding=padding, pick_channels=channels)
-        .override("train", epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                  tile=tile, learning_rate=learning_rate, optimizer=optimizer,
-                  val_fraction=val_fraction, seed=seed, deterministic=deterministic,
-                  strategy=strategy, mixed_precision=mixed_precision)
-        .override("augment", enabled=False if no_augment else None)
-    )
+    config = with_settings(_load(config_path), settings)
     run_training(data, run_dir, config, resume=resume, overwrite=overwrite, save_targets=save_targets,
                  manual_dir=manual_dir)
 
@@ -133,25 +160,24 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(), help="Output TIFF, or a folder for several images.")
-@click.option("--tile", type=int, help="Input tile edge (rounded to the nearest valid size).")
-@click.option("--batch-size", type=int, help="Tiles per forward pass.")
+@setting("predict", "tile", "--tile", help="Input tile edge (rounded to the nearest valid size).")
+@setting("predict", "batch_size", "--batch-size", help="Tiles per forward pass.")
 @click.option("--output", type=click.Choice(["probabilities", "labels", "both"]), default="probabilities",
               show_default=True, help="Foreground probabilities, instance labels, or both.")
-@click.option("--threshold", type=float, help="Foreground probability for labels.")
-@click.option("--min-size", type=int, help="Drop instances smaller than this (pixels); default: "
-                                           "as stored with the model.")
-@click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); default: as in training.")
-@click.option("--instances", "instance_method", type=click.Choice(["watershed", "components"]),
-              help="Split touching cells with a watershed (default) or keep the paper's connected "
-                   "components.")
-@click.option("--tta", is_flag=True, default=None,
-              help="Average the 8 flips and 90-degree rotations (8x the time).")
+@setting("predict", "threshold", "--threshold", help="Foreground probability for labels.")
+@setting("predict", "min_size", "--min-size",
+         help="Drop instances smaller than this (pixels); default: as stored with the model.")
+@setting("model", "pick_channels", "--channels",
+         help="Pick or reorder channels (0,2) or average them (gray); default: as in training.")
+@setting("predict", "instances", "--instances", type=click.Choice(["watershed", "components"]),
+         help="Split touching cells with a watershed (default) or keep the paper's connected "
+              "components.")
+@setting("predict", "tta", "--tta", help="Average the 8 flips and 90-degree rotations (8x the time).")
 @click.option("--overlay", is_flag=True, help="Also write an overlay PNG of predicted contours.")
 @click.option("--shard", help="I/N: predict only every N-th image from the I-th (0-based), so N "
                               "machines share one list; auto: I and N from TF_CONFIG or Slurm.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def predict(model, images, out, tile, batch_size, output, threshold, min_size, channels, instance_method,
-            tta, overlay, shard, overwrite):
+def predict(model, images, out, output, overlay, shard, overwrite, **settings):
     """Segment IMAGES of any size with the overlap-tile strategy.
 
     Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
@@ -163,9 +189,7 @@ def predict(model, images, out, tile, batch_size, output, threshold, min_size, c
     from .model import saved_config
     from .predict import predict_files
 
-    config = (saved_config(model) or Config()).override(
-        "predict", tile=tile, batch_size=batch_size, threshold=threshold, min_size=min_size,
-        instances=instance_method, tta=tta).override("model", pick_channels=channels)
+    config = with_settings(saved_config(model) or Config(), settings)
     if shard is not None:
         from .distribute import parse_shard
 
@@ -217,12 +241,12 @@ def evaluate(data, manual_dir, model, predictions, json_path, overlay_dir, overw
 @main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--tile", type=int, help="Input tile edge of the served pass (default: predict's).")
-@click.option("--batch-size", type=int, help="Tiles per forward pass in the served graph.")
+@setting("predict", "tile", "--tile", help="Input tile edge of the served pass (default: predict's).")
+@setting("predict", "batch_size", "--batch-size", help="Tiles per forward pass in the served graph.")
 @click.option("--check", is_flag=True,
               help="Reload the SavedModel in a fresh process and compare it with predict.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing SavedModel.")
-def export(model, out, tile, batch_size, check, overwrite):
+def export(model, out, check, overwrite, **settings):
     """Export MODEL as a SavedModel in OUT that serves with TensorFlow alone.
 
     OUT is a version folder as TensorFlow Serving wants it (serving/cells/1). Its
@@ -234,7 +258,7 @@ def export(model, out, tile, batch_size, check, overwrite):
     from .export import CHECK_TOLERANCE, CLASSES, FOREGROUND, INPUT, SIGNATURE, check_export, export_model
     from .model import saved_config
 
-    config = (saved_config(model) or Config()).override("predict", tile=tile, batch_size=batch_size)
+    config = with_settings(saved_config(model) or Config(), settings)
     written = export_model(model, out, config, overwrite=overwrite)
     click.echo(f"wrote {written}: {SIGNATURE}({INPUT}: float32 [batch, height, width, "
                f"{config.model.channels}]) -> {FOREGROUND} [batch, height, width], "

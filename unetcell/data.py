@@ -65,10 +65,10 @@ def compute_targets(
         if path.exists():
             with np.load(path) as cached:
                 return cached["classes"], cached["weights"]
-    classes = targets.classes(labels, gap=config.gap)
-    weights = targets.weight_map(
+    classes, weights = targets.training_targets(
         labels, w0=config.w0, sigma=config.sigma, balance=config.balance, gap=config.gap
-    ).astype(np.float32)
+    )
+    weights = weights.astype(np.float32)
     if path is not None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -299,7 +299,8 @@ def validation_tiles(examples: list[Example], config: Config) -> tuple[np.ndarra
         h, w = example.classes.shape
         tops = list(range(0, max(h - geometry.output, 0) + 1, geometry.output)) or [0]
         lefts = list(range(0, max(w - geometry.output, 0) + 1, geometry.output)) or [0]
-        # The last window is flush with the far edge, so every pixel is validated.
+        # The last window is flush with the far edge, so the grid reaches every pixel; at
+        # most val_tiles of its windows are kept (spread evenly below), not all of them.
         if h > geometry.output and tops[-1] != h - geometry.output:
             tops.append(h - geometry.output)
         if w > geometry.output and lefts[-1] != w - geometry.output:

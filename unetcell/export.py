@@ -142,8 +142,7 @@ def export_model(
     from .model import load_model
 
     out = check_writable(out, overwrite)
-    model, saved = load_model(model_path)
-    config = config or saved
+    model, config = load_model(model_path, config=config)
     module = serving_module(model, config)
     with atomic_dir(out) as tmp:
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: module.serve})

@@ -28,7 +28,7 @@ from .errors import DataError
 from .files import check_writable
 from .io import read_image, read_mask, write_png
 from .overlay import display_stride, to_display
-from .targets import as_instances, carve_gaps, weight_map
+from .targets import as_instances, carve_gaps, carved_weight_map
 
 WEIGHT_CMAP = "viridis"  # perceptually uniform, readable in gray and by colour-blind readers
 GAP_COLOUR = (255, 255, 255)  # carved gap pixels: white between the coloured cells
@@ -209,7 +209,7 @@ def targets_plot(
             f"Received shape {np.shape(image)}"
         )
     carved = carve_gaps(labels, gap)
-    weights = weight_map(labels, w0=w0, sigma=sigma, balance=balance, gap=gap)
+    weights = carved_weight_map(carved, w0=w0, sigma=sigma, balance=balance)
     gaps = (labels != 0) & (carved == 0)
     vmax = float(weights.max()) if weights.size else 0.0
 

@@ -1,6 +1,7 @@
-"""The U-Net's size arithmetic and the overlap-tile plan, in plain Python (no Keras, no
-TensorFlow, no numpy), so that training, `unetcell predict` and the exported serving graph take
-every size from one place.
+"""The U-Net's size arithmetic and the overlap-tile plan, in plain Python (importing it loads
+no Keras, TensorFlow or numpy; only `Geometry.of_model` imports Keras, to read a model's
+layers), so that training, `unetcell predict` and the exported serving graph take every size
+from one place.
 
 With unpadded ("valid") convolutions every 3x3 convolution trims one pixel per side and every
 2x2 pooling must see an even size, so only some input sizes are valid and the output is

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -17,6 +18,7 @@ import tifffile
 
 from .errors import ConfigError, DataError
 from .files import atomic_path, check_writable, format_bytes
+from .targets import checked_mask
 
 # tifffile logs what it finds wrong in a file before raising; the DataError that follows says it
 # in one line naming the file, so its log lines would only repeat it in another voice.
@@ -157,19 +159,49 @@ def kept_axes(path: Path, axes: str, shape: tuple[int, ...]) -> list[str]:
     return keep
 
 
+@dataclass(frozen=True)
+class TiffAxes:
+    """How a TIFF series' stored axes become H x W x C, for `read_image` and the lazy slides
+    alike: Y, X and at most one channel axis are kept, in that order (`kept_axes`)."""
+
+    axes: str  # tifffile's axis codes, in stored order
+    shape: tuple[int, ...]  # the stored shape
+
+    @classmethod
+    def of(cls, path: Path, axes: str, shape: Sequence[int]) -> TiffAxes:
+        """The layout of a series; DataError naming `path` for a stack or a missing Y or X."""
+        shape = tuple(int(s) for s in shape)
+        kept_axes(path, axes, shape)
+        return cls(axes, shape)
+
+    @property
+    def y(self) -> int:
+        """The position of Y among the stored axes."""
+        return self.axes.index("Y")
+
+    @property
+    def yxc_shape(self) -> tuple[int, int, int]:
+        channel = [s for a, s in zip(self.axes, self.shape) if a in CHANNEL_AXES]
+        return self.shape[self.axes.index("Y")], self.shape[self.axes.index("X")], (channel or [1])[0]
+
+    def to_yxc(self, data: np.ndarray, rows: int | None = None) -> np.ndarray:
+        """Stored data (or `rows` rows of it) as H x W x C: the size-1 axes dropped and the
+        kept ones transposed (a view where numpy can make one)."""
+        kept = [(a, s) for a, s in zip(self.axes, self.shape) if a in "YX" or a in CHANNEL_AXES]
+        names = [a for a, _ in kept]
+        shape = [rows if a == "Y" and rows is not None else s for a, s in kept]
+        order = [names.index("Y"), names.index("X")] + [i for i, a in enumerate(names) if a in CHANNEL_AXES]
+        data = np.transpose(data.reshape(shape), order)
+        return data if data.ndim == 3 else data[..., None]
+
+
 def _tiff_as_yxc(path: Path) -> np.ndarray:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
-        axes = series.axes
-        kept_axes(path, axes, tuple(series.shape))  # before decoding: a z-stack is refused at once
+        layout = TiffAxes.of(path, series.axes, series.shape)  # before decoding: a z-stack is refused at once
         check_tiff_size(path, series, in_memory=True)
         data = series.asarray()
-    keep = kept_axes(path, axes, data.shape)
-    data = data.reshape([s for a, s in zip(axes, data.shape) if a in keep])
-    channel_axes = [i for i, a in enumerate(keep) if a in CHANNEL_AXES]
-    order = [keep.index("Y"), keep.index("X")] + channel_axes
-    data = np.transpose(data, order)
-    return data if data.ndim == 3 else data[..., None]
+    return layout.to_yxc(data)
 
 
 def read_image(path: str | os.PathLike, channels: Sequence[int] | None = None) -> np.ndarray:
@@ -272,18 +304,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
                 f"{path}: a mask must have one channel (instance labels or 0/255). "
                 f"Received {data.shape[2]} differing channels"
             )
-    mask = data[..., 0]
-    if mask.dtype.kind == "f" or mask.dtype == bool:
-        if mask.dtype.kind == "f" and not np.all(np.isfinite(mask) & (mask == np.round(mask))):
-            raise DataError(
-                f"{path}: a mask must hold integer labels (0 background, 1..N cells). "
-                "Received fractional float values; is this a probability map rather than a mask?"
-            )
-    if mask.min() < 0:
-        raise DataError(f"{path}: a mask must not hold negative labels (min {mask.min()})")
-    if mask.max() > np.iinfo(np.int32).max:
-        raise DataError(f"{path}: label values exceed int32")
-    return mask.astype(np.int32)
+    return checked_mask(data[..., 0], path)
 
 
 def write_tiff(

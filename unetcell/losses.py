@@ -21,29 +21,50 @@ def pack_targets(classes, weights):
 
 @keras.saving.register_keras_serializable(package="unetcell")
 class WeightedCrossEntropy(keras.losses.Loss):
-    """Cross-entropy of the softmax probabilities, weighted per pixel (paper eq. 1).
+    """The paper's energy (section 3, eq. 1): cross-entropy of the softmax probabilities,
+    each pixel weighted by the weight map w(x) of eq. 2.
+
+    Formula:
+
+    ```python
+    loss = -sum(w(x) * log(p_l(x)(x))) / pixels
+    ```
+
+    The sum runs over every pixel x of every tile in the batch; `l(x)` is the pixel's true
+    class and `p_l(x)(x)` its softmax probability, clipped to [1e-7, 1 - 1e-7] as Keras'
+    cross-entropy clips it. With the default `reduction="sum_over_batch_size"` the sum is
+    divided by the number of pixels, batch x height x width, and under a `tf.distribute`
+    strategy Keras divides it once more by the number of replicas, so each replica's share
+    adds up to the sum over the global batch / the global number of pixels: the same gradient
+    on any number of replicas. It is a sum divided by a pixel count, not a weighted mean (the
+    weights are not the divisor); with all weights 1 it equals
+    `keras.losses.SparseCategoricalCrossentropy`.
+
+    `call` returns the unreduced per-pixel values [batch, h, w], which validation sums over
+    all its tiles before dividing by their pixel count.
+
+    Args:
+        name: the loss's name.
+        reduction: how `__call__` reduces the per-pixel values, as for any Keras loss; the
+            training loop needs the default.
+        dtype: the dtype of the loss's computations (default float32, also under mixed
+            precision: the U-Net's softmax is float32).
 
     y_true: [batch, h, w, 2], the class index and the pixel's weight (`pack_targets`).
     y_pred: [batch, h, w, classes], softmax probabilities (the U-Net's output).
-    The value is the weighted mean over pixels; with all weights 1 it equals Keras'
-    sparse categorical cross-entropy.
     """
 
     def __init__(self, name="weighted_cross_entropy", reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
 
     def call(self, y_true, y_pred):
-        return pixel_losses(y_true, y_pred)
+        classes = ops.cast(y_true[..., 0], "int32")
+        weights = y_true[..., 1]
+        return weights * keras.losses.sparse_categorical_crossentropy(classes, y_pred)
 
     def get_config(self):
-        return super().get_config()
-
-
-def pixel_losses(y_true, y_pred):
-    """Per-pixel weighted cross-entropy, [batch, h, w]: what a distributed step sums."""
-    classes = ops.cast(y_true[..., 0], "int32")
-    weights = y_true[..., 1]
-    return weights * keras.losses.sparse_categorical_crossentropy(classes, y_pred)
+        # Keras' Loss.get_config leaves out the dtype, which its __init__ takes.
+        return {**super().get_config(), "dtype": self.dtype}
 
 
 def foreground_counts(y_true, y_pred, threshold: float = 0.5):

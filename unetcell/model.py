@@ -197,6 +197,15 @@ def saved_config(path: str | os.PathLike) -> Config | None:
     import tomllib
 
     path = Path(path)
+    text = _open_model_file(path, read_config=True)
+    if text is None:
+        return None
+    return config_from_dict(tomllib.loads(text), source=f"{path}:{CONFIG_ENTRY}")
+
+
+def _open_model_file(path: Path, read_config: bool) -> str | None:
+    """Check that `path` is a .keras file this unetcell can read; the text of its config
+    entry when `read_config` (None when it has none)."""
     if path.suffix != ".keras":
         raise DataError(f"{path}: expected a .keras model file written by `unetcell train`")
     if not path.is_file():
@@ -204,21 +213,29 @@ def saved_config(path: str | os.PathLike) -> Config | None:
     try:
         with zipfile.ZipFile(path) as archive:
             _check_version(path, archive)
-            if CONFIG_ENTRY not in archive.namelist():
+            if not read_config or CONFIG_ENTRY not in archive.namelist():
                 return None
-            text = archive.read(CONFIG_ENTRY).decode()
+            return archive.read(CONFIG_ENTRY).decode()
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise DataError(
             f"{path}: is not a Keras model (a .keras file is a zip archive written by Keras; "
             f"{_first_line(e)})"
         ) from None
-    return config_from_dict(tomllib.loads(text), source=f"{path}:{CONFIG_ENTRY}")
 
 
-def load_model(path: str | os.PathLike, compile: bool = False) -> tuple[keras.Model, Config]:
-    """A model saved by unetcell and its config, in Keras' safe mode (no arbitrary code)."""
+def load_model(
+    path: str | os.PathLike, compile: bool = False, config: Config | None = None
+) -> tuple[keras.Model, Config]:
+    """A model saved by unetcell and its config, in Keras' safe mode (no arbitrary code).
+
+    `config`: the settings to use instead of those saved inside, when the caller has them
+    already (the CLI reads them with `saved_config` to apply its options), so they are not
+    read and parsed twice."""
     path = Path(path)
-    config = saved_config(path)
+    if config is None:
+        config = saved_config(path)
+    else:
+        _open_model_file(path, read_config=False)
     try:
         model = keras.saving.load_model(path, compile=compile, safe_mode=True)
     except Exception as e:  # Keras raises many types for a file it cannot rebuild

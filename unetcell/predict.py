@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import postprocess
 from .config import Config
 from .errors import ConfigError, DataError
 from .files import check_writable
@@ -33,7 +34,6 @@ from .geometry import DEFAULT_OUTPUT_EDGE, default_tile  # noqa: F401  (re-expor
 from .io import TIFF_SUFFIXES, check_finite
 from .normalize import apply_normalization, percentiles
 from .overlay import display_stride
-from .postprocess import instances
 from .slides import (
     PickedSlide,
     Slide,
@@ -180,10 +180,13 @@ class Predictor:
         per tile, so tiles agree at their seams."""
         slide = self._picked(as_slide(slide))
         self._check_channels(slide)
+        return self._probability_bands(slide, self.plan(slide.shape[0], slide.shape[1]), on_batch)
+
+    def _probability_bands(self, slide: Slide, plan: TilePlan, on_batch=None):
+        """`probability_bands` of a slide whose channels are checked, on its tile plan."""
         low, high = percentiles(slide, self.config.normalize)
         if self.config.predict.tta:
             return array_bands(self._tta_probability(slide, low, high, on_batch))
-        plan = self.plan(slide.shape[0], slide.shape[1])
 
         def read_rows(start: int, stop: int) -> np.ndarray:
             rows = slide.rows(start, stop)
@@ -220,7 +223,7 @@ class Predictor:
         """Instance labels from a whole foreground map, with the saved threshold, min size and
         instance method."""
         p = self.config.predict
-        return instances(probability, p.threshold, p.min_size, p.instances, p.watershed_h,
+        return postprocess.instances(probability, p.threshold, p.min_size, p.instances, p.watershed_h,
                          p.watershed_ratio)
 
     def labels(self, image: Slide | np.ndarray) -> np.ndarray:
@@ -235,16 +238,22 @@ class Predictor:
         overlay: str | os.PathLike | None = None,
         overwrite: bool = False,
         on_batch: Callable[[int], None] | None = None,
+        on_tiles: Callable[[int], None] | None = None,
+        outputs_checked: bool = False,
     ) -> SlideResult:
         """Predict one image or slide into any of: a tiled float32 TIFF of probabilities
         (streamed: flat memory), a tiled int32 TIFF of instance labels, an overlay PNG of the
         predicted contours on a downsampled view. Every file is written through a temporary
-        file renamed at the end; nothing is replaced without `overwrite`."""
+        file renamed at the end; nothing is replaced without `overwrite`, and the outputs
+        are checked before any work unless the caller did it (`outputs_checked`).
+        `on_tiles(count)` is called once with the number of tiles, before the first batch;
+        `on_batch(n)` after each batch of n tiles."""
         outputs = [p for p in (probabilities, labels, overlay) if p is not None]
         if not outputs:
             raise ValueError("predict_slide needs at least one output path")
-        for path in outputs:
-            check_writable(path, overwrite)
+        if not outputs_checked:
+            for path in outputs:
+                check_writable(path, overwrite)
         slide = open_slide(source) if isinstance(source, (str, os.PathLike)) else as_slide(source)
         slide = self._picked(slide)
         with slide:
@@ -253,13 +262,15 @@ class Predictor:
             if labels is not None or self.config.predict.tta:  # both hold the whole map
                 check_label_memory((height, width), slide.path)
             plan = self.plan(height, width)
+            if on_tiles is not None:
+                on_tiles(plan.count)
             result = SlideResult(slide.path, (height, width), plan.count, plan.tile_shape)
             step = display_stride(height, width, OVERLAY_EDGE)
             whole = np.empty((height, width), np.float32) if labels is not None else None
             small = []  # the foreground map on the overlay's stride, when no labels are made
 
             def bands() -> Iterator[tuple[int, np.ndarray]]:
-                for first, band in self.probability_bands(slide, on_batch):
+                for first, band in self._probability_bands(slide, plan, on_batch):
                     if whole is not None:
                         whole[first:first + band.shape[0]] = band
                     elif overlay is not None:
@@ -292,7 +303,7 @@ class Predictor:
                     # probabilities-only run costs no full-size map.
                     min_size = -(-self.config.predict.min_size // (step * step))
                     p = self.config.predict
-                    shown = instances(np.concatenate(small, axis=0), p.threshold, min_size,
+                    shown = postprocess.instances(np.concatenate(small, axis=0), p.threshold, min_size,
                                       p.instances, p.watershed_h / step, p.watershed_ratio)
                 view = slide[::step, ::step]
                 rgb = contour_overlay(view, shown, max_edge=max(view.shape[:2]))
@@ -305,8 +316,8 @@ def load_predictor(model_path: str | os.PathLike, config: Config | None = None) 
     saved with it (normalisation, threshold, min size, tile, batch size)."""
     from .model import load_model
 
-    model, saved = load_model(model_path, compile=False)
-    return Predictor(model, config if config is not None else saved)
+    model, config = load_model(model_path, compile=False, config=config)
+    return Predictor(model, config)
 
 
 # --- unetcell predict ------------------------------------------------------------------------
@@ -396,32 +407,31 @@ def predict_files(
     list are planned, so n machines given the same list write the same files between them."""
     from .progress import tqdm  # plain log lines when stderr is not a terminal
 
-    plans = output_paths(images, out, output, overlay)
+    todo = output_paths(images, out, output, overlay)
     if shard is not None:
         index, count = shard
-        echo(f"shard {index}/{count}: {len(plans[index::count])} of {len(plans)} image(s)")
-        plans = plans[index::count]
-        if not plans:
+        echo(f"shard {index}/{count}: {len(todo[index::count])} of {len(todo)} image(s)")
+        todo = todo[index::count]
+        if not todo:
             return []
-    for plan in plans:
-        for path in plan.paths():
+    for outputs in todo:
+        for path in outputs.paths():
             check_writable(path, overwrite)
-    for plan in plans:
-        with open_slide(plan.image):
+    for outputs in todo:
+        with open_slide(outputs.image):
             pass
     predictor = load_predictor(model_path, config)
     if predictor.note:
         echo(predictor.note)
     results = []
-    files = tqdm(plans, desc="files", unit="file", disable=not progress or len(plans) < 2)
-    for plan in files:
-        with open_slide(plan.image) as slide, tqdm(
-            total=predictor.plan(*slide.shape[:2]).count, desc=plan.image.name, unit="tile",
-            leave=len(plans) == 1, disable=not progress,
-        ) as bar:
+    files = tqdm(todo, desc="files", unit="file", disable=not progress or len(todo) < 2)
+    for outputs in files:
+        with tqdm(desc=outputs.image.name, unit="tile", leave=len(todo) == 1,
+                  disable=not progress) as bar:
             result = predictor.predict_slide(
-                slide, plan.probabilities, plan.labels, plan.overlay,
+                outputs.image, outputs.probabilities, outputs.labels, outputs.overlay,
                 overwrite=overwrite, on_batch=bar.update,
+                on_tiles=lambda count, bar=bar: setattr(bar, "total", count), outputs_checked=True,
             )
         results.append(result)
     return results

@@ -35,11 +35,10 @@ import tifffile
 from .errors import DataError
 from .files import atomic_path, check_writable
 from .io import (
-    CHANNEL_AXES,
     TIFF_SUFFIXES,
+    TiffAxes,
     channels_after,
     check_tiff_size,
-    kept_axes,
     parse_channels,
     read_image,
     select_channels,
@@ -140,19 +139,10 @@ class _TiffSlide(Slide):
             # Inside the try: a file that is not a TIFF at all raises tifffile's own error here.
             self._tif = tifffile.TiffFile(path)
             series = self._tif.series[0]
-            axes, shape = series.axes, tuple(series.shape)
-            keep = kept_axes(path, axes, shape)
+            self._layout = TiffAxes.of(path, series.axes, series.shape)  # as read_image's
             check_tiff_size(path, series, in_memory=False)
-            self._axes, self._stored_shape = axes, shape
-            self._y = axes.index("Y")
-            # Stored axes -> Y, X, channel: the transpose that read_image applies.
-            kept = [a for a in axes if a in keep]
-            self._squeezed = [s for a, s in zip(axes, shape) if a in keep]
-            channel = [i for i, a in enumerate(kept) if a in CHANNEL_AXES]
-            self._order = [kept.index("Y"), kept.index("X")] + channel
-            height, width = shape[axes.index("Y")], shape[axes.index("X")]
-            channels = shape[axes.index(kept[channel[0]])] if channel else 1
-            self.shape = (int(height), int(width), int(channels))
+            self._stored_shape, self._y = self._layout.shape, self._layout.y
+            self.shape = self._layout.yxc_shape
             self.dtype = np.dtype(series.dtype).newbyteorder("=")
             if self.dtype.kind not in "uif" and self.dtype != bool:
                 raise DataError(f"{path}: unsupported pixel type {series.dtype}")
@@ -178,16 +168,7 @@ class _TiffSlide(Slide):
             raise DataError(f"{path}: cannot be read as an image ({type(e).__name__}: {e})") from None
 
     def _to_yxc(self, data: np.ndarray, nrows: int) -> np.ndarray:
-        shape = list(self._squeezed)
-        shape[self._squeezed_y] = nrows
-        data = data.reshape(shape).transpose(self._order)
-        data = data if data.ndim == 3 else data[..., None]
-        return np.ascontiguousarray(data, dtype=self.dtype)
-
-    @property
-    def _squeezed_y(self) -> int:
-        kept = [a for a in self._axes if a in "YX" or a in CHANNEL_AXES]
-        return kept.index("Y")
+        return np.ascontiguousarray(self._layout.to_yxc(data, nrows), dtype=self.dtype)
 
     def _read_plain(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of every plane before the Y axis, by positioned reads."""

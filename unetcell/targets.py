@@ -17,6 +17,7 @@ their own and `from unetcell.targets import border_weights` stays light.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -255,8 +256,22 @@ def weight_map(
     the paper's settings for a one-pixel gap) that makes the network learn them; on the
     uncarved labels they would be cell pixels with border weight 0.
     """
-    carved = carve_gaps(labels, gap)
+    return carved_weight_map(carve_gaps(labels, gap), w0, sigma, balance)
+
+
+def carved_weight_map(
+    carved: np.ndarray, w0: float = 10.0, sigma: float = 5.0, balance: float = 1.0
+) -> np.ndarray:
+    """`weight_map` of labels whose gaps `carve_gaps` has carved already."""
     return class_weights(carved != 0, balance) + border_weights(carved, w0=w0, sigma=sigma)
+
+
+def training_targets(
+    labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0, balance: float = 1.0, gap: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """(`classes`, `weight_map`) of an instance label image, carving the gaps once for both."""
+    carved = carve_gaps(labels, gap)
+    return (carved != 0).astype(np.uint8), carved_weight_map(carved, w0, sigma, balance)
 
 
 # --- masks as instances ---------------------------------------------------------------------
@@ -290,6 +305,17 @@ def as_instances(mask: np.ndarray, source: str = "") -> np.ndarray:
     """
     from skimage.measure import label  # imported here: scikit-image is slow to import
 
+    mask = checked_mask(mask, source)
+    if is_binary(mask):
+        return label(mask != 0, connectivity=1).astype(np.int32)
+    return mask.astype(np.int32)
+
+
+def checked_mask(mask: np.ndarray, source: str | os.PathLike = "") -> np.ndarray:
+    """`mask` as int32 values as stored (a binary mask stays 0/1 or 0/255), after the checks
+    every mask gets, wherever it comes from (`io.read_mask`, a public data set): 2D, whole
+    numbers (a fractional float mask is a probability map, not a mask), no negative label,
+    none beyond int32. DataError naming `source` otherwise."""
     where = f"{source}: " if source else ""
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -304,10 +330,8 @@ def as_instances(mask: np.ndarray, source: str = "") -> np.ndarray:
         mask = mask.astype(np.int64)
     elif mask.dtype != bool and mask.dtype.kind not in "iu":
         raise DataError(f"{where}a mask must hold integer labels. Received dtype {mask.dtype}")
-    if is_binary(mask):
-        return label(mask != 0, connectivity=1).astype(np.int32)
-    if mask.min() < 0:
+    if mask.size and mask.min() < 0:
         raise DataError(f"{where}a mask must not hold negative labels (min {mask.min()})")
-    if mask.max() > np.iinfo(np.int32).max:
+    if mask.size and mask.max() > np.iinfo(np.int32).max:
         raise DataError(f"{where}label values exceed int32 (max {mask.max()}); renumber the cells")
     return mask.astype(np.int32)

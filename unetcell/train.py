@@ -48,7 +48,7 @@ from .data import (
 from .distribute import Role, make_strategy, role, worker_dir
 from .errors import OutputExistsError, TrainingStopped, UnetcellError
 from .files import write_text_atomic
-from .losses import WeightedCrossEntropy, foreground_counts, pixel_losses
+from .losses import WeightedCrossEntropy, foreground_counts
 from .model import build_model, load_model, save_model, saved_config, saved_entry
 
 RUN_FILES = ("model.keras", "last.keras", "state.json", "history.csv", "config.toml")
@@ -95,19 +95,21 @@ class Trainer:
             self.model = model or build_model(config.model)
             if model is None or model.optimizer is None:
                 self.model.compile(optimizer=make_optimizer(config), loss=WeightedCrossEntropy())
+            # The loss compiled in (or restored from last.keras) is the one the steps call.
+            self.loss = self.model.loss
             self.optimizer = self.model.optimizer
             if not self.optimizer.built:
                 # Built lazily inside the first distributed step, the slots of a second
                 # mirrored replica fail to initialise (placeholder error in a cond).
                 self.optimizer.build(self.model.trainable_variables)
-        replicas = self.strategy.num_replicas_in_sync
-        self._global_pixels = float(config.train.batch_size * replicas * self.geometry.output**2)
 
     def train_step(self, images, packed):
-        """One replica's step: the weighted loss summed over its pixels / the global count."""
+        """One replica's step. The loss sums over this replica's pixels and divides by the
+        global number of pixels (its pixels x the replicas: `WeightedCrossEntropy`), so the
+        replicas' sum is the loss of the global batch."""
         with tf.GradientTape() as tape:
             probabilities = self.model(images, training=True)
-            loss = tf.reduce_sum(pixel_losses(packed, probabilities)) / self._global_pixels
+            loss = self.loss(packed, probabilities)
             scaled = self.optimizer.scale_loss(loss)  # float16: a LossScaleOptimizer's scale
         variables = self.model.trainable_variables
         gradients = tape.gradient(scaled, variables)
@@ -116,7 +118,8 @@ class Trainer:
 
     def eval_step(self, images, packed):
         probabilities = self.model(images, training=False)
-        loss_sum = tf.reduce_sum(pixel_losses(packed, probabilities))
+        # Summed, not reduced per batch: the last batch may be smaller than the others.
+        loss_sum = tf.reduce_sum(self.loss.call(packed, probabilities))
         return (loss_sum, tf.cast(tf.size(packed[..., 0]), tf.float32),
                 *foreground_counts(packed, probabilities))
 
