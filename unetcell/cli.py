@@ -135,6 +135,9 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
 @click.option("--batch-size", type=int, help="Tiles per forward pass.")
 @click.option("--output", type=click.Choice(["probabilities", "labels", "both"]), default="probabilities",
               show_default=True, help="Foreground probabilities, instance labels, or both.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]), default="float32",
+              show_default=True, help="How probabilities are stored: float16 halves the file, "
+                                      "uint8 (probability x 255, rounded) quarters it.")
 @click.option("--threshold", type=float, help="Foreground probability for labels.")
 @click.option("--channels", help="Pick or reorder channels (0,2) or average them (gray); default: as in training.")
 @click.option("--instances", "instance_method", type=click.Choice(["watershed", "components"]),
@@ -146,11 +149,11 @@ def train(data, run_dir, config_path, manual_dir, epochs, steps_per_epoch, batch
 @click.option("--shard", help="I/N: predict only every N-th image from the I-th (0-based), so N "
                               "machines share one list; auto: I and N from TF_CONFIG or Slurm.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def predict(model, images, out, tile, batch_size, output, threshold, channels, instance_method, tta,
+def predict(model, images, out, tile, batch_size, output, dtype, threshold, channels, instance_method, tta,
             overlay, shard, overwrite):
     """Segment IMAGES of any size with the overlap-tile strategy.
 
-    Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
+    Writes foreground probabilities (float32, or --dtype) or instance labels (int32) as tiled TIFF with
     the height and width of each image. OUT is a .tif file for one image, a folder otherwise:
     OUT/<stem>.tif, or OUT/probabilities/ and OUT/labels/ with --output both; overlays in
     OUT/overlays/ (beside the file as OUT_overlay.png for one image).
@@ -167,7 +170,8 @@ def predict(model, images, out, tile, batch_size, output, threshold, channels, i
 
         shard = parse_shard(shard)
     results = predict_files(model, images, out, config, output=output, overlay=overlay,
-                            overwrite=overwrite, echo=lambda m: click.echo(m, err=True), shard=shard)
+                            overwrite=overwrite, echo=lambda m: click.echo(m, err=True), shard=shard,
+                            dtype=dtype)
     for result in results:
         cells = "" if result.cells is None else f", {result.cells} cells"
         click.echo(f"{result.source}: {result.shape[0]} x {result.shape[1]} in {result.tiles} "
