@@ -1,6 +1,7 @@
 """What overlap-tile prediction costs beyond the network, which tile to use, and its memory.
 
-    .venv/bin/python benchmarks/predict.py                   # (a), (b) and (c)
+    .venv/bin/python benchmarks/predict.py                   # (a), (b), (c) and (d)
+    .venv/bin/python benchmarks/predict.py --parts d --repeats 2   # the whole process, 4096^2
     .venv/bin/python benchmarks/predict.py --parts c --sizes 2048 8192 16384
 
 (a) Overhead: `unetcell predict`'s path on a 2048^2 16-bit TIFF (lazy row reads, percentiles,
@@ -13,8 +14,14 @@
     the activations leave the caches. The memory of a batch of tiles is printed beside it.
 (c) Peak RSS of `unetcell predict` (a fresh process each, measured with wait4) on striped
     16-bit TIFF slides of 2048^2, 8192^2 and 16384^2; the bar is 8192^2 <= 1.3 x 2048^2.
+(d) The whole `unetcell predict` process (start-up included, timed as a process, with its peak
+    RSS) on a 4096^2 16-bit TIFF, `Predictor.predict_slide` in a warm process (start-up
+    excluded) and the forward pass alone over the same tiles in the same batches, alternated in
+    one run; their ratios (bars >= 0.85 and >= 0.95, issue 19), then the breakdown: start-up
+    (imports, model load, the first trace, in a fresh process) and every stage of predict timed
+    alone, as a multiple of the forward pass.
 
-The network of (a) and (b) is the paper's U-Net (depth 4) at 16 filters, the CPU size the README
+The network of (a), (b) and (d) is the paper's U-Net (depth 4) at 16 filters, the CPU size the README
 recommends; (c) uses 4 filters so the largest slide finishes in minutes on 2 cores: memory is
 set by the band of tiles and the TensorFlow runtime, not by the weights.
 """
@@ -22,6 +29,7 @@ set by the band of tiles and the TensorFlow runtime, not by the weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -36,10 +44,10 @@ import tifffile  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from unetcell.config import Config  # noqa: E402
+from unetcell.mirror import mirror_indices  # noqa: E402
 from unetcell.model import build_unet, save_model  # noqa: E402
 from unetcell.normalize import apply_normalization, percentiles  # noqa: E402
 from unetcell.predict import load_predictor  # noqa: E402
-from unetcell.mirror import mirror_indices  # noqa: E402
 from unetcell.slides import open_slide, write_tiled_tiff  # noqa: E402
 from unetcell.tiling import predict_tiled_bands  # noqa: E402
 
@@ -210,14 +218,15 @@ def staged(predictor, slide_path: Path, out: Path) -> dict[str, float]:
     clock = dict.fromkeys(["percentiles", "read", "normalise", "mirror+cut", "forward",
                            "stitch", "encode+write"], 0.0)
 
-    def timed(stage, fn, *args):
+    @contextlib.contextmanager
+    def timed(stage):
         start = time.perf_counter()
-        value = fn(*args)
+        yield
         clock[stage] += time.perf_counter() - start
-        return value
 
     with open_slide(slide_path) as slide:
-        low, high = timed("percentiles", percentiles, slide, predictor.config.normalize)
+        with timed("percentiles"):
+            low, high = percentiles(slide, predictor.config.normalize)
         plan = predictor.plan(*slide.shape[:2])
         rows, cols = plan.rows, plan.cols
         height, width = plan.shape
@@ -226,24 +235,27 @@ def staged(predictor, slide_path: Path, out: Path) -> dict[str, float]:
         for ky in range(rows.count):
             row_index = mirror_indices(*rows.window(ky), height)
             lo, hi = int(row_index.min()), int(row_index.max()) + 1
-            source = timed("read", slide.rows, lo, hi)
-            source = timed("normalise", apply_normalization, source, low, high)
-            band = timed("mirror+cut", lambda: source[row_index - lo][:, col_index])
+            with timed("read"):
+                source = slide.rows(lo, hi)
+            with timed("normalise"):
+                source = apply_normalization(source, low, high)
+            with timed("mirror+cut"):
+                band = source[row_index - lo][:, col_index]
             src_y, dst_y = rows.keep(ky)
             out_band = np.empty((dst_y.stop - dst_y.start, width), np.float32)
             for first in range(0, cols.count, predictor.batch_size):
                 ks = range(first, min(first + predictor.batch_size, cols.count))
-                tiles = timed("mirror+cut", lambda: np.stack(
-                    [band[:, k * cols.stride:k * cols.stride + cols.tile] for k in ks]))
-                result = timed("forward", predictor.predict_fn, tiles)
-
-                def stitch():
+                with timed("mirror+cut"):
+                    tiles = np.stack([band[:, k * cols.stride:k * cols.stride + cols.tile] for k in ks])
+                with timed("forward"):
+                    result = predictor.predict_fn(tiles)
+                with timed("stitch"):
                     for k, tile_out in zip(ks, result):
                         src_x, dst_x = cols.keep(k)
                         out_band[:, dst_x] = tile_out[src_y, src_x]
-                timed("stitch", stitch)
             bands.append((dst_y.start, out_band))
-    timed("encode+write", write_tiled_tiff, out, bands, plan.shape, np.float32, 256, None, True)
+    with timed("encode+write"):
+        write_tiled_tiff(out, bands, plan.shape, np.float32, overwrite=True)
     return clock
 
 
