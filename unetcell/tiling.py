@@ -106,9 +106,11 @@ def predict_tiled_bands(
             band = source[row_index - lo][:, col_index]
             del source
             # The band starts at column -context, so tile k's window starts at k * stride in it.
-            yield [np.stack([band[:, k * cols.stride:k * cols.stride + cols.tile]
-                             for k in range(first, min(first + batch_size, cols.count))])
-                   for first in range(0, cols.count, batch_size)]
+            batches = [np.stack([band[:, k * cols.stride:k * cols.stride + cols.tile]
+                                 for k in range(first, min(first + batch_size, cols.count))])
+                       for first in range(0, cols.count, batch_size)]
+            del band  # not kept while this row waits in the queue
+            yield batches
 
     # The next row of tiles is read and cut in a thread while this one runs (unetcell.pipeline).
     for ky, batches in enumerate(prefetch(tile_rows(), ahead)):
