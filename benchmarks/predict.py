@@ -1,6 +1,7 @@
 """What overlap-tile prediction costs beyond the network, which tile to use, and its memory.
 
-    .venv/bin/python benchmarks/predict.py                   # (a), (b) and (c)
+    .venv/bin/python benchmarks/predict.py                   # (a), (b), (c) and (d)
+    .venv/bin/python benchmarks/predict.py --parts d --repeats 2   # the whole process, 4096^2
     .venv/bin/python benchmarks/predict.py --parts c --sizes 2048 8192 16384
 
 (a) Overhead: `unetcell predict`'s path on a 2048^2 16-bit TIFF (lazy row reads, percentiles,
@@ -13,8 +14,14 @@
     the activations leave the caches. The memory of a batch of tiles is printed beside it.
 (c) Peak RSS of `unetcell predict` (a fresh process each, measured with wait4) on striped
     16-bit TIFF slides of 2048^2, 8192^2 and 16384^2; the bar is 8192^2 <= 1.3 x 2048^2.
+(d) The whole `unetcell predict` process (start-up included, timed as a process, with its peak
+    RSS) on a 4096^2 16-bit TIFF, `Predictor.predict_slide` in a warm process (start-up
+    excluded) and the forward pass alone over the same tiles in the same batches, alternated in
+    one run; their ratios (bars >= 0.85 and >= 0.95, issue 19), then the breakdown: start-up
+    (imports, model load, the first trace, in a fresh process) and every stage of predict timed
+    alone, as a multiple of the forward pass.
 
-The network of (a) and (b) is the paper's U-Net (depth 4) at 16 filters, the CPU size the README
+The network of (a), (b) and (d) is the paper's U-Net (depth 4) at 16 filters, the CPU size the README
 recommends; (c) uses 4 filters so the largest slide finishes in minutes on 2 cores: memory is
 set by the band of tiles and the TensorFlow runtime, not by the weights.
 """
@@ -22,6 +29,7 @@ set by the band of tiles and the TensorFlow runtime, not by the weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -36,10 +44,11 @@ import tifffile  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from unetcell.config import Config  # noqa: E402
+from unetcell.mirror import mirror_indices  # noqa: E402
 from unetcell.model import build_unet, save_model  # noqa: E402
 from unetcell.normalize import apply_normalization, percentiles  # noqa: E402
 from unetcell.predict import load_predictor  # noqa: E402
-from unetcell.slides import open_slide  # noqa: E402
+from unetcell.slides import open_slide, write_tiled_tiff  # noqa: E402
 from unetcell.tiling import predict_tiled_bands  # noqa: E402
 
 TILES = (252, 380, 508, 700, 892, 1084, 1276)
@@ -168,9 +177,138 @@ def peak_rss(folder: Path, sizes: list[int]) -> None:
                   + (" (bar <= 1.3)" if size == 8192 and base == 2048 else ""))
 
 
+
+# --- (d) the whole process on 4096^2 -----------------------------------------------------------
+
+WHOLE = 4096
+
+STARTUP = """
+import time, sys
+t = [time.perf_counter()]
+import tensorflow, keras, unetcell.predict  # noqa
+t.append(time.perf_counter())
+from unetcell.predict import load_predictor
+import numpy as np
+p = load_predictor(sys.argv[1])
+t.append(time.perf_counter())
+plan = p.plan(4096, 4096)
+x = np.zeros((p.batch_size,) + plan.tile_shape + (p.channels,), np.float32)
+p.predict_fn(x)
+t.append(time.perf_counter())
+p.predict_fn(x)
+t.append(time.perf_counter())
+print(*(b - a for a, b in zip(t, t[1:])))
+"""
+
+
+def run_process(args: list[str]) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of a fresh process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - start
+    if status != 0:
+        sys.exit(f"{' '.join(args[:3])} failed: {process.stderr.read().decode()[-500:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def staged(predictor, slide_path: Path, out: Path) -> dict[str, float]:
+    """predict's work on a slide, one stage after the other, each timed on its own: the same
+    calls as `Predictor.probability_bands` and `write_tiled_tiff`, unrolled."""
+    clock = dict.fromkeys(["percentiles", "read", "normalise", "mirror+cut", "forward",
+                           "stitch", "encode+write"], 0.0)
+
+    @contextlib.contextmanager
+    def timed(stage):
+        start = time.perf_counter()
+        yield
+        clock[stage] += time.perf_counter() - start
+
+    with open_slide(slide_path) as slide:
+        with timed("percentiles"):
+            low, high = percentiles(slide, predictor.config.normalize)
+        plan = predictor.plan(*slide.shape[:2])
+        rows, cols = plan.rows, plan.cols
+        height, width = plan.shape
+        col_index = mirror_indices(*cols.span, width)
+        bands = []
+        for ky in range(rows.count):
+            row_index = mirror_indices(*rows.window(ky), height)
+            lo, hi = int(row_index.min()), int(row_index.max()) + 1
+            with timed("read"):
+                source = slide.rows(lo, hi)
+            with timed("normalise"):
+                source = apply_normalization(source, low, high)
+            with timed("mirror+cut"):
+                band = source[row_index - lo][:, col_index]
+            src_y, dst_y = rows.keep(ky)
+            out_band = np.empty((dst_y.stop - dst_y.start, width), np.float32)
+            for first in range(0, cols.count, predictor.batch_size):
+                ks = range(first, min(first + predictor.batch_size, cols.count))
+                with timed("mirror+cut"):
+                    tiles = np.stack([band[:, k * cols.stride:k * cols.stride + cols.tile] for k in ks])
+                with timed("forward"):
+                    result = predictor.predict_fn(tiles)
+                with timed("stitch"):
+                    for k, tile_out in zip(ks, result):
+                        src_x, dst_x = cols.keep(k)
+                        out_band[:, dst_x] = tile_out[src_y, src_x]
+            bands.append((dst_y.start, out_band))
+    with timed("encode+write"):
+        write_tiled_tiff(out, bands, plan.shape, np.float32, overwrite=True)
+    return clock
+
+
+def whole_process(folder: Path, repeats: int) -> None:
+    size = WHOLE
+    slide = write_slide(folder / f"w{size}.tif", size)
+    model = model_file(folder, 16)
+    cli = Path(sys.executable).with_name("unetcell")
+    out = folder / "w.tif"
+    predictor = load_predictor(model)
+    plan = predictor.plan(size, size)
+    tiles = cut_tiles(predictor, slide)
+    predictor.predict_fn(tiles[0])  # trace once
+    load = os.getloadavg()[0]
+    whole, forward, inside, rss, stages, startup = [], [], [], [], [], []
+    for _ in range(repeats):  # alternated, so a burst of load elsewhere hits every figure alike
+        seconds, peak = run_process([str(cli), "predict", str(model), str(slide), "-o", str(out), "--overwrite"])
+        whole.append(seconds)
+        rss.append(peak)
+        start = time.perf_counter()
+        for batch in tiles:
+            predictor.predict_fn(batch)
+        forward.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        predictor.predict_slide(slide, probabilities=out, overwrite=True)
+        inside.append(time.perf_counter() - start)
+        stages.append(staged(predictor, slide, out))
+        result = subprocess.run([sys.executable, "-c", STARTUP, str(model)], capture_output=True, text=True)
+        startup.append([float(v) for v in result.stdout.split()])
+    mpx = size * size / 1e6
+    w, f, i = min(whole), min(forward), min(inside)
+    print(f"(d) {size}^2 16-bit TIFF, {plan.count} tiles of {plan.tile_shape[0]} x {plan.tile_shape[1]}, "
+          f"batch {predictor.batch_size}, 16 filters, depth 4; best of {repeats}, load average "
+          f"{load:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} cores")
+    print(f"    whole `unetcell predict` process {w:.1f} s ({mpx / w:.2f} Mpx/s), peak RSS {min(rss):.0f} MiB")
+    print(f"    predict_slide in a warm process  {i:.1f} s ({mpx / i:.2f} Mpx/s)")
+    print(f"    forward pass alone               {f:.1f} s ({mpx / f:.2f} Mpx/s)")
+    print(f"    ratio forward / whole process:  {f / w:.3f} (bar >= 0.85)")
+    print(f"    ratio forward / predict_slide:  {f / i:.3f} (excluding start-up; bar >= 0.95)")
+    best = {k: min(s[k] for s in stages) for k in stages[0]}
+    imports, load_model, trace, warm = (min(s[j] for s in startup) for j in range(4))
+    print("    breakdown (each stage alone, best of the runs; the sum of the stages after start-up is")
+    print(f"    what a sequential predict costs; forward = {best['forward']:.1f} s here):")
+    for name, value in [("imports (tensorflow, keras, unetcell)", imports), ("model load", load_model),
+                        ("first batch: tracing", trace - warm)] + list(best.items()):
+        print(f"      {name:<38} {value:6.2f} s  {value / best['forward']:6.3f} x forward")
+    rest = sum(v for k, v in best.items() if k != "forward")
+    print(f"      {'all but the network, after start-up':<38} {rest:6.2f} s  {rest / best['forward']:6.3f} x forward")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"], choices=["a", "b", "c", "d"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", nargs="+", type=int, default=[2048, 8192, 16384])
     args = parser.parse_args()
@@ -182,6 +320,8 @@ def main() -> None:
             tile_sizes(folder, args.repeats)
         if "c" in args.parts:
             peak_rss(folder, args.sizes)
+        if "d" in args.parts:
+            whole_process(folder, args.repeats)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,9 @@ def train(data, run_dir, config_path, manual_dir, resume, save_targets, overwrit
 @setting("predict", "batch_size", "--batch-size", help="Tiles per forward pass.")
 @click.option("--output", type=click.Choice(["probabilities", "labels", "both"]), default="probabilities",
               show_default=True, help="Foreground probabilities, instance labels, or both.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "uint8"]), default="float32",
+              show_default=True, help="How probabilities are stored: float16 halves the file, "
+                                      "uint8 (probability x 255, rounded) quarters it.")
 @setting("predict", "threshold", "--threshold", help="Foreground probability for labels.")
 @setting("predict", "min_size", "--min-size",
          help="Drop instances smaller than this (pixels); default: as stored with the model.")
@@ -177,10 +180,10 @@ def train(data, run_dir, config_path, manual_dir, resume, save_targets, overwrit
 @click.option("--shard", help="I/N: predict only every N-th image from the I-th (0-based), so N "
                               "machines share one list; auto: I and N from TF_CONFIG or Slurm.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-def predict(model, images, out, output, overlay, shard, overwrite, **settings):
+def predict(model, images, out, output, dtype, overlay, shard, overwrite, **settings):
     """Segment IMAGES of any size with the overlap-tile strategy.
 
-    Writes foreground probabilities (float32) or instance labels (int32) as tiled TIFF with
+    Writes foreground probabilities (float32, or --dtype) or instance labels (int32) as tiled TIFF with
     the height and width of each image. OUT is a .tif file for one image, a folder otherwise:
     OUT/<stem>.tif, or OUT/probabilities/ and OUT/labels/ with --output both; overlays in
     OUT/overlays/ (beside the file as OUT_overlay.png for one image).
@@ -195,7 +198,8 @@ def predict(model, images, out, output, overlay, shard, overwrite, **settings):
 
         shard = parse_shard(shard)
     results = predict_files(model, images, out, config, output=output, overlay=overlay,
-                            overwrite=overwrite, echo=lambda m: click.echo(m, err=True), shard=shard)
+                            overwrite=overwrite, echo=lambda m: click.echo(m, err=True), shard=shard,
+                            dtype=dtype)
     for result in results:
         cells = "" if result.cells is None else f", {result.cells} cells"
         click.echo(f"{result.source}: {result.shape[0]} x {result.shape[1]} in {result.tiles} "

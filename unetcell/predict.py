@@ -28,12 +28,13 @@ import numpy as np
 
 from . import postprocess
 from .config import Config
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, UnetcellError
 from .files import check_writable
 from .geometry import DEFAULT_OUTPUT_EDGE, default_tile  # noqa: F401  (re-exported)
 from .io import TIFF_SUFFIXES, check_finite
 from .normalize import apply_normalization, percentiles
 from .overlay import display_stride
+from .pipeline import Aborted, Behind
 from .slides import (
     PickedSlide,
     Slide,
@@ -55,6 +56,27 @@ from .tiling import (
 
 OUTPUTS = ("probabilities", "labels", "both")
 
+# How probabilities are stored: float32 as computed (4 bytes a pixel), float16 (2 bytes,
+# within 2.4e-4 of float32 in [0, 1]) or uint8 (1 byte, round(p * 255), within 1/510: what
+# many viewers expect). README, Prediction speed.
+PROBABILITY_DTYPES = ("float32", "float16", "uint8")
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in PROBABILITY_DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(PROBABILITY_DTYPES)}. Received: {dtype!r}")
+
+
+def encode_probabilities(band: np.ndarray, dtype: str) -> np.ndarray:
+    """Foreground probabilities (float32 in [0, 1]) as stored with `--dtype`."""
+    if dtype == "float32":
+        return band
+    if dtype == "float16":
+        return band.astype(np.float16)
+    check_dtype(dtype)
+    return np.rint(np.clip(band, 0, 1) * np.float32(255)).astype(np.uint8)
+
+
 # Peak bytes per pixel of making labels: the stitched float32 map and `postprocess.instances`
 # on it. tracemalloc on a 1040 x 1392 nuclei map: 37 with connected components, 118 with the
 # default watershed (float64 distances, its reconstruction, int64 piece keys).
@@ -64,6 +86,12 @@ LABEL_BYTES_PER_PIXEL = 125
 OVERLAY_EDGE = 2048
 
 
+# The default tile (`geometry.default_tile`: 700 at depth 4) was kept on measurement (issue 19).
+# Bigger tiles recompute less margin: 4.6 % more output per second at 876 and 11 % at 1212
+# (16 filters, 2 cores), but a batch of 4 tiles of the paper's 64-filter network already adds
+# 0.95 GiB of peak RSS at 700 (1.0 GiB with the model loaded -> 1.9 GiB), growing with the tile's
+# area: 1.6 GiB at 892, 2.9 GiB at 1212. The bound is about 1 GiB for the forward pass, so that
+# predict at 64 filters runs in 2 GiB; --tile trades memory for those few per cent.
 def choose_tile(requested: int, geometry: Geometry) -> tuple[int, str | None]:
     """(tile, note): `requested` (0 = the default) as a valid tile edge for `geometry`, and a
     sentence for the user when it had to be changed (rounded to the nearest valid size, or up
@@ -240,17 +268,20 @@ class Predictor:
         on_batch: Callable[[int], None] | None = None,
         on_tiles: Callable[[int], None] | None = None,
         outputs_checked: bool = False,
+        dtype: str = "float32",
     ) -> SlideResult:
-        """Predict one image or slide into any of: a tiled float32 TIFF of probabilities
-        (streamed: flat memory), a tiled int32 TIFF of instance labels, an overlay PNG of the
-        predicted contours on a downsampled view. Every file is written through a temporary
-        file renamed at the end; nothing is replaced without `overwrite`, and the outputs
-        are checked before any work unless the caller did it (`outputs_checked`).
-        `on_tiles(count)` is called once with the number of tiles, before the first batch;
-        `on_batch(n)` after each batch of n tiles."""
+        """Predict one image or slide into any of: a tiled TIFF of probabilities (float32, or
+        `dtype` float16 or uint8; streamed: flat memory), a tiled int32 TIFF of instance
+        labels, an overlay PNG of the predicted contours on a downsampled view. Every file is
+        written through a temporary file renamed at the end; nothing is replaced without
+        `overwrite`, and the outputs are checked before any work unless the caller did it
+        (`outputs_checked`). The probabilities are encoded and written in a background thread
+        while the network runs (unetcell.pipeline). `on_tiles(count)` is called once with the
+        number of tiles, before the first batch; `on_batch(n)` after each batch of n tiles."""
         outputs = [p for p in (probabilities, labels, overlay) if p is not None]
         if not outputs:
             raise ValueError("predict_slide needs at least one output path")
+        check_dtype(dtype)
         if not outputs_checked:
             for path in outputs:
                 check_writable(path, overwrite)
@@ -278,9 +309,21 @@ class Predictor:
                     yield first, band
 
             if probabilities is not None:
-                written = write_tiled_tiff(probabilities, bands(), (height, width), np.float32,
-                                           overwrite=overwrite)
-                result.written.append(written)
+                def write(items: Iterator[tuple[int, np.ndarray]]) -> Path:
+                    encoded = ((first, encode_probabilities(band, dtype)) for first, band in items)
+                    try:
+                        return write_tiled_tiff(probabilities, encoded, (height, width), dtype,
+                                                overwrite=overwrite)
+                    except (UnetcellError, Aborted):
+                        raise
+                    except Exception as e:  # tifffile and the OS raise many types
+                        raise UnetcellError(
+                            f"{probabilities}: cannot be written ({type(e).__name__}: {e})") from e
+
+                with Behind(write, name="unetcell-writer") as writer:
+                    for first, band in bands():
+                        writer.send((first, band))
+                result.written.append(writer.result)
             else:
                 for _ in bands():
                     pass
@@ -397,6 +440,7 @@ def predict_files(
     echo: Callable[[str], None] = print,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    dtype: str = "float32",
 ) -> list[SlideResult]:
     """`unetcell predict`: every image through `Predictor.predict_slide`, with a tqdm bar over
     files and one over tiles. Every output path is checked before the model is loaded, and
@@ -408,6 +452,7 @@ def predict_files(
     from .progress import tqdm  # plain log lines when stderr is not a terminal
 
     todo = output_paths(images, out, output, overlay)
+    check_dtype(dtype)
     if shard is not None:
         index, count = shard
         echo(f"shard {index}/{count}: {len(todo[index::count])} of {len(todo)} image(s)")
@@ -432,6 +477,7 @@ def predict_files(
                 outputs.image, outputs.probabilities, outputs.labels, outputs.overlay,
                 overwrite=overwrite, on_batch=bar.update,
                 on_tiles=lambda count, bar=bar: setattr(bar, "total", count), outputs_checked=True,
+                dtype=dtype,
             )
         results.append(result)
     return results

@@ -47,6 +47,7 @@ from .geometry import (  # noqa: F401  (the plan lives in the keras-free geometr
     tile_plan,
 )
 from .mirror import mirror_indices
+from .pipeline import prefetch
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 RowReader = Callable[[int, int], np.ndarray]
@@ -58,6 +59,7 @@ def predict_tiled_bands(
     predict_fn: PredictFn,
     batch_size: int = 4,
     on_batch: Callable[[int], None] | None = None,
+    ahead: int = 1,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Overlap-tile prediction of an image, one band of output rows at a time.
 
@@ -83,36 +85,47 @@ def predict_tiled_bands(
       multiples of 2**depth), the only shifts under which every 2x2 max pooling groups the
       same pixels as in the whole-image pass.
 
-    Memory is one band of input (tile_h x (W + 2 context) x C floats) and one band of
-    output, so a slide streams in flat memory whatever its height.
+    Memory is one band of input (tile_h x (W + 2 context) x C floats) cut into tiles and one
+    band of output, so a slide streams in flat memory whatever its height. The next band is
+    read and cut in a background thread, `ahead` bands ahead (0: all in the caller's thread,
+    the same result bit for bit), which adds `ahead` bands of tiles to the memory.
     """
     height, width = plan.shape
     rows, cols = plan.rows, plan.cols
-    col_index = mirror_indices(*cols.span, width)
-    for ky in range(rows.count):
-        row_index = mirror_indices(*rows.window(ky), height)
-        lo, hi = int(row_index.min()), int(row_index.max()) + 1
-        source = read_rows(lo, hi)
-        if source.shape[:2] != (hi - lo, width):
-            raise ValueError(f"read_rows({lo}, {hi}) returned shape {source.shape}")
-        # One gather per axis mirrors the band on all four sides.
-        band = source[row_index - lo][:, col_index]
-        del source
+
+    def tile_rows() -> Iterator[list[np.ndarray]]:
+        """Each row of tiles as its batches, ready for the network (read, mirrored, cut)."""
+        col_index = mirror_indices(*cols.span, width)
+        for ky in range(rows.count):
+            row_index = mirror_indices(*rows.window(ky), height)
+            lo, hi = int(row_index.min()), int(row_index.max()) + 1
+            source = read_rows(lo, hi)
+            if source.shape[:2] != (hi - lo, width):
+                raise ValueError(f"read_rows({lo}, {hi}) returned shape {source.shape}")
+            # One gather per axis mirrors the band on all four sides.
+            band = source[row_index - lo][:, col_index]
+            del source
+            # The band starts at column -context, so tile k's window starts at k * stride in it.
+            batches = [np.stack([band[:, k * cols.stride:k * cols.stride + cols.tile]
+                                 for k in range(first, min(first + batch_size, cols.count))])
+                       for first in range(0, cols.count, batch_size)]
+            del band  # not kept while this row waits in the queue
+            yield batches
+
+    # The next row of tiles is read and cut in a thread while this one runs (unetcell.pipeline).
+    for ky, batches in enumerate(prefetch(tile_rows(), ahead)):
         src_y, dst_y = rows.keep(ky)
         out = None
-        for first in range(0, cols.count, batch_size):
-            ks = range(first, min(first + batch_size, cols.count))
-            # The band starts at column -context, so tile k's window starts at k * stride in it.
-            tiles = np.stack([band[:, k * cols.stride:k * cols.stride + cols.tile] for k in ks])
+        for first, tiles in zip(range(0, cols.count, batch_size), batches):
             result = np.asarray(predict_fn(tiles))
             if out is None:
                 out = np.empty((dst_y.stop - dst_y.start, width) + result.shape[3:], result.dtype)
-            for k, tile_out in zip(ks, result):
+            for k, tile_out in zip(range(first, first + len(tiles)), result):
                 src_x, dst_x = cols.keep(k)
                 out[:, dst_x] = tile_out[src_y, src_x]
             if on_batch is not None:
-                on_batch(len(ks))
-        del band
+                on_batch(len(tiles))
+        del batches
         yield dst_y.start, out
 
 
