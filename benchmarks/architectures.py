@@ -6,7 +6,7 @@ the same held-out images as benchmarks/accuracy.py (its layout, splits and scori
 One table: parameters, GFLOPs per output megapixel (one forward pass at a 512-pixel output,
 counted by TensorFlow's profiler), CPU predict throughput (`unetcell predict`'s overlap-tile
 pass over a 1024 x 1024 image, tiling overhead included), training seconds, F1 at IoU 0.5 and
-mean AP (this version's default instances), and pixel error of probability > 0.5 (every set).
+mean AP (the post-processing stored with each model), and pixel error of probability > 0.5 (every set).
 
 Training seconds are wall time on whatever else the machine runs: the budget is the same
 number of steps of the same tile size, and the seconds say what each architecture paid for it.
@@ -26,7 +26,7 @@ import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import SPLITS, lay_out, methods, score, truth_of  # noqa: E402
+from accuracy import SPLITS, lay_out, score, truth_of  # noqa: E402
 
 from unetcell.config import ARCHITECTURES, Config  # noqa: E402
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
                 path, seconds = train_arch(arch, name, seed, args.steps, args.tile, args.work, args.reuse, config)
                 predictor = load_predictor(path)
                 maps = [predictor.probabilities(tifffile.imread(i)) for i in images]
-                result = score(truths, [methods(config)["new"](p) for p in maps])
+                result = score(truths, [predictor.instances(p) for p in maps])
                 result["pixel_error"] = float(np.mean(
                     [np.mean((p > 0.5) != (tifffile.imread(m) > 0)) for p, m in zip(maps, masks)]))
                 result["mpx_s"] = throughput(predictor)
