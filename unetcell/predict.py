@@ -251,8 +251,8 @@ class Predictor:
         """Instance labels from a whole foreground map, with the saved threshold, min size and
         instance method."""
         p = self.config.predict
-        return postprocess.instances(probability, p.threshold, p.min_size, p.instances, p.watershed_h,
-                         p.watershed_ratio)
+        return postprocess.instances(probability, p.threshold, p.min_size, p.instances,
+                                     p.watershed_h, p.watershed_ratio)
 
     def labels(self, image: Slide | np.ndarray) -> np.ndarray:
         """H x W int32 instance labels of an image (H x W or H x W x C, raw)."""
@@ -346,8 +346,9 @@ class Predictor:
                     # probabilities-only run costs no full-size map.
                     min_size = -(-self.config.predict.min_size // (step * step))
                     p = self.config.predict
-                    shown = postprocess.instances(np.concatenate(small, axis=0), p.threshold, min_size,
-                                      p.instances, p.watershed_h / step, p.watershed_ratio)
+                    shown = postprocess.instances(np.concatenate(small, axis=0), p.threshold,
+                                                  min_size, p.instances, p.watershed_h / step,
+                                                  p.watershed_ratio)
                 view = slide[::step, ::step]
                 rgb = contour_overlay(view, shown, max_edge=max(view.shape[:2]))
                 result.written.append(save_overlay(overlay, rgb, overwrite=overwrite))
