@@ -17,7 +17,8 @@
 (d) The whole `unetcell predict` process (start-up included, timed as a process, with its peak
     RSS) on a 4096^2 16-bit TIFF, `Predictor.predict_slide` in a warm process (start-up
     excluded) and the forward pass alone over the same tiles in the same batches, alternated in
-    one run; their ratios (bars >= 0.85 and >= 0.95, issue 19), then the breakdown: start-up
+    one run; their ratios (bars >= 0.85 and >= 0.95, issue 19), the forward pass with two
+    batches in flight as predict runs it (`pipeline.in_flight`) against one at a time, then the breakdown: start-up
     (imports, model load, the first trace, in a fresh process) and every stage of predict timed
     alone, as a multiple of the forward pass.
 
@@ -47,6 +48,7 @@ from unetcell.config import Config  # noqa: E402
 from unetcell.mirror import mirror_indices  # noqa: E402
 from unetcell.model import build_unet, save_model  # noqa: E402
 from unetcell.normalize import apply_normalization, percentiles  # noqa: E402
+from unetcell.pipeline import in_flight  # noqa: E402
 from unetcell.predict import load_predictor  # noqa: E402
 from unetcell.slides import open_slide, write_tiled_tiff  # noqa: E402
 from unetcell.tiling import predict_tiled_bands  # noqa: E402
@@ -95,7 +97,7 @@ def cut_tiles(predictor, slide_path: Path) -> list[np.ndarray]:
         low, high = percentiles(slide, predictor.config.normalize)
         plan = predictor.plan(*slide.shape[:2])
         bands = predict_tiled_bands(lambda a, b: apply_normalization(slide.rows(a, b), low, high),
-                                    plan, record, predictor.batch_size)
+                                    plan, record, predictor.batch_size, parallel=1)  # in order
         for _ in bands:
             pass
     return batches
@@ -270,7 +272,7 @@ def whole_process(folder: Path, repeats: int) -> None:
     tiles = cut_tiles(predictor, slide)
     predictor.predict_fn(tiles[0])  # trace once
     load = os.getloadavg()[0]
-    whole, forward, inside, rss, stages, startup = [], [], [], [], [], []
+    whole, forward, paired, inside, rss, stages, startup = [], [], [], [], [], [], []
     for _ in range(repeats):  # alternated, so a burst of load elsewhere hits every figure alike
         seconds, peak = run_process([str(cli), "predict", str(model), str(slide), "-o", str(out), "--overwrite"])
         whole.append(seconds)
@@ -279,6 +281,10 @@ def whole_process(folder: Path, repeats: int) -> None:
         for batch in tiles:
             predictor.predict_fn(batch)
         forward.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in in_flight(predictor.predict_fn, tiles, 2):
+            pass
+        paired.append(time.perf_counter() - start)
         start = time.perf_counter()
         predictor.predict_slide(slide, probabilities=out, overwrite=True)
         inside.append(time.perf_counter() - start)
@@ -293,6 +299,8 @@ def whole_process(folder: Path, repeats: int) -> None:
     print(f"    whole `unetcell predict` process {w:.1f} s ({mpx / w:.2f} Mpx/s), peak RSS {min(rss):.0f} MiB")
     print(f"    predict_slide in a warm process  {i:.1f} s ({mpx / i:.2f} Mpx/s)")
     print(f"    forward pass alone               {f:.1f} s ({mpx / f:.2f} Mpx/s)")
+    print(f"    forward, two batches in flight   {min(paired):.1f} s ({mpx / min(paired):.2f} Mpx/s), "
+          f"{f / min(paired):.3f} x the one-at-a-time throughput (what predict does)")
     print(f"    ratio forward / whole process:  {f / w:.3f} (bar >= 0.85)")
     print(f"    ratio forward / predict_slide:  {f / i:.3f} (excluding start-up; bar >= 0.95)")
     best = {k: min(s[k] for s in stages) for k in stages[0]}

@@ -17,7 +17,7 @@ from unetcell.config import Config
 from unetcell.errors import ConfigError, DataError, UnetcellError
 from unetcell.model import build_unet, save_model
 from unetcell.normalize import apply_normalization, percentiles
-from unetcell.pipeline import Behind, prefetch
+from unetcell.pipeline import Behind, in_flight, prefetch
 from unetcell.predict import encode_probabilities, load_predictor
 from unetcell.slides import open_slide
 from unetcell.tiling import Geometry, predict_tiled_bands, tile_plan
@@ -128,6 +128,47 @@ def test_behind_stops_its_consumer_when_the_caller_fails():
     assert cleaned.is_set() and seen == [1] and not _threads()
 
 
+def test_in_flight_keeps_the_order_with_at_most_width_calls_running():
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def call(k):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02 * (k % 3))  # later calls often finish first
+        with lock:
+            running[0] -= 1
+        return k * k
+
+    assert list(in_flight(call, range(12), width=3)) == [k * k for k in range(12)]
+    assert most[0] == 3
+    assert list(in_flight(call, range(5), width=1)) == [0, 1, 4, 9, 16]
+    assert list(in_flight(call, [], width=2)) == []
+
+
+def test_in_flight_raises_the_calls_error_at_its_item_and_stops_when_closed():
+    started = []
+
+    def call(k):
+        started.append(k)
+        if k == 4:
+            raise ValueError("bad batch 4")
+        return k
+
+    results = in_flight(call, range(100), width=2)
+    assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="bad batch 4"):
+        next(results)
+    assert max(started) <= 6  # no call runs far ahead of the caller
+    assert not _threads()
+
+    early = in_flight(lambda k: k, range(100), width=2)
+    assert next(early) == 0
+    early.close()
+    assert not _threads()
+
+
 # --- predict through them ---------------------------------------------------------------------
 
 
@@ -143,12 +184,12 @@ def test_the_threaded_pass_equals_the_sequential_one_bit_for_bit(predictor, tmp_
         assert plan.rows.count >= 4 and plan.cols.count >= 3
         sequential = np.concatenate([band for _, band in predict_tiled_bands(
             lambda a, b: apply_normalization(slide.rows(a, b), low, high), plan,
-            predictor.predict_fn, predictor.batch_size, ahead=0)])
+            predictor.predict_fn, predictor.batch_size, ahead=0, parallel=1)])
     assert threaded.dtype == np.float32 and threaded.std() > 1e-3
     np.testing.assert_array_equal(threaded, sequential)
 
 
-def test_more_tiles_ahead_change_nothing():
+def test_more_tiles_ahead_or_in_flight_change_nothing():
     image = np.random.default_rng(0).random((203, 157, 1)).astype(np.float32)
     geometry = Geometry(depth=2)
     plan = tile_plan(203, 157, 60, geometry)
@@ -158,10 +199,10 @@ def test_more_tiles_ahead_change_nothing():
         return np.cumsum(batch[..., 0], axis=1)[:, m:-m, m:-m] * batch[:, m:-m, m:-m, 0]
 
     runs = [np.concatenate([b for _, b in predict_tiled_bands(lambda a, b: image[a:b], plan, fake_net, 3,
-                                                              ahead=ahead)])
-            for ahead in (0, 1, 3)]
-    np.testing.assert_array_equal(runs[0], runs[1])
-    np.testing.assert_array_equal(runs[0], runs[2])
+                                                              ahead=ahead, parallel=parallel)])
+            for ahead, parallel in ((0, 1), (1, 1), (3, 1), (0, 2), (1, 2), (1, 3))]
+    for run in runs[1:]:
+        np.testing.assert_array_equal(runs[0], run)
 
 
 def test_a_reader_error_names_the_slide_and_leaves_no_output(predictor, tmp_path):

@@ -205,7 +205,7 @@ def test_a_failure_midway_leaves_no_partial_file(predictor, tmp_path, monkeypatc
     monkeypatch.setattr(predictor, "tile", 44)  # many small tiles, so the failure is midway
     with pytest.raises(RuntimeError):
         predictor.predict_slide(tmp_path / "x.tif", probabilities=tmp_path / "p.tif")
-    assert len(calls) == 2
+    assert 2 <= len(calls) <= 3  # stopped at the failure; the next batch may already be in flight
     assert [p.name for p in tmp_path.iterdir()] == ["x.tif"]
 
 

@@ -33,6 +33,7 @@ TensorFlow ops, for a serving graph.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -47,7 +48,7 @@ from .geometry import (  # noqa: F401  (the plan lives in the keras-free geometr
     tile_plan,
 )
 from .mirror import mirror_indices
-from .pipeline import prefetch
+from .pipeline import in_flight, prefetch
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 RowReader = Callable[[int, int], np.ndarray]
@@ -60,6 +61,7 @@ def predict_tiled_bands(
     batch_size: int = 4,
     on_batch: Callable[[int], None] | None = None,
     ahead: int = 1,
+    parallel: int = 2,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Overlap-tile prediction of an image, one band of output rows at a time.
 
@@ -88,7 +90,9 @@ def predict_tiled_bands(
     Memory is one band of input (tile_h x (W + 2 context) x C floats) cut into tiles and one
     band of output, so a slide streams in flat memory whatever its height. The next band is
     read and cut in a background thread, `ahead` bands ahead (0: all in the caller's thread,
-    the same result bit for bit), which adds `ahead` bands of tiles to the memory.
+    the same result bit for bit), which adds `ahead` bands of tiles to the memory; `parallel`
+    batches are in the network at once (`unetcell.pipeline.in_flight`; 1: one after the
+    other, the same result bit for bit).
     """
     height, width = plan.shape
     rows, cols = plan.rows, plan.cols
@@ -112,21 +116,31 @@ def predict_tiled_bands(
             del band  # not kept while this row waits in the queue
             yield batches
 
-    # The next row of tiles is read and cut in a thread while this one runs (unetcell.pipeline).
-    for ky, batches in enumerate(prefetch(tile_rows(), ahead)):
+    def tile_batches() -> Iterator[tuple[int, int, np.ndarray]]:
+        """(row of tiles, first column, batch) for every batch, the next row read and cut in a
+        thread while this one runs (unetcell.pipeline)."""
+        for ky, batches in enumerate(prefetch(tile_rows(), ahead)):
+            for first in range(0, cols.count, batch_size):
+                yield ky, first, batches.pop(0)  # not kept once it is in the network
+
+    def forward(item: tuple[int, int, np.ndarray]) -> tuple[int, int, int, np.ndarray]:
+        ky, first, tiles = item
+        return ky, first, len(tiles), np.asarray(predict_fn(tiles))
+
+    out, out_ky, out_first = None, -1, 0
+    for ky, first, count, result in in_flight(forward, tile_batches(), parallel):
         src_y, dst_y = rows.keep(ky)
-        out = None
-        for first, tiles in zip(range(0, cols.count, batch_size), batches):
-            result = np.asarray(predict_fn(tiles))
-            if out is None:
-                out = np.empty((dst_y.stop - dst_y.start, width) + result.shape[3:], result.dtype)
-            for k, tile_out in zip(range(first, first + len(tiles)), result):
-                src_x, dst_x = cols.keep(k)
-                out[:, dst_x] = tile_out[src_y, src_x]
-            if on_batch is not None:
-                on_batch(len(tiles))
-        del batches
-        yield dst_y.start, out
+        if ky != out_ky:  # the first batch of the next row: the band above is complete
+            if out is not None:
+                yield out_first, out
+            out_ky, out_first = ky, dst_y.start
+            out = np.empty((dst_y.stop - dst_y.start, width) + result.shape[3:], result.dtype)
+        for k, tile_out in zip(range(first, first + count), result):
+            src_x, dst_x = cols.keep(k)
+            out[:, dst_x] = tile_out[src_y, src_x]
+        if on_batch is not None:
+            on_batch(count)
+    yield out_first, out
 
 
 def predict_tiled(
@@ -194,13 +208,15 @@ def forward_fn(model, output: str = "foreground", geometry: Geometry | None = No
         return run
 
     traced: dict = {}
+    tracing = threading.Lock()  # batches may arrive from two threads (pipeline.in_flight)
     dynamic = None if needs_static_shapes(geometry) else make(None, None)
 
     def predict_fn(batch: np.ndarray) -> np.ndarray:
         run = dynamic
         if run is None:
             key = batch.shape[1:3]
-            run = traced.get(key) or traced.setdefault(key, make(*key))
+            with tracing:
+                run = traced.get(key) or traced.setdefault(key, make(*key))
         return run(tf.convert_to_tensor(batch, tf.float32)).numpy()
 
     predict_fn.traces = lambda: (  # for tests: how often the graph was traced
