@@ -11,6 +11,7 @@ from skimage.measure import regionprops
 
 from unetcell.config import Config, load_config
 from unetcell.model import saved_config
+from unetcell.targets import carve_gaps
 from unetcell.train import train
 from unetcell.tuning import annotated_min_size, pooled_f1, tune_postprocessing
 
@@ -75,7 +76,9 @@ def test_training_with_validation_stores_the_picked_settings_with_the_model(synt
     assert dataclasses.replace(saved, predict=config.predict) == config  # only predict changes
     untuned = config.override("train", tune_postprocessing=False).override("predict", min_size_fraction=0)
     train(synth_folder, tmp_path / "plain", untuned, verbose=0)
-    assert saved_config(tmp_path / "plain" / "model.keras") == untuned
+    plain = saved_config(tmp_path / "plain" / "model.keras")
+    assert plain.predict.balance_shift > 0  # measured on the masks whatever else is tuned
+    assert dataclasses.replace(plain, predict=dataclasses.replace(plain.predict, balance_shift=0.0)) == untuned
 
 
 @pytest.mark.slow
@@ -88,5 +91,14 @@ def test_training_raises_min_size_to_a_fraction_of_the_annotated_cells(synth_fol
              for region in regionprops(tifffile.imread(mask).astype(np.int32))]
     expected = int(round(0.5 * np.percentile(areas, 1)))
     assert expected > 4  # the synthetic cells are far larger than 8 pixels
-    assert saved_config(tmp_path / "run" / "model.keras").predict.min_size == expected
-    assert f"min size {expected} px" in capsys.readouterr().out
+    saved = saved_config(tmp_path / "run" / "model.keras").predict
+    assert saved.min_size == expected
+    out = capsys.readouterr().out
+    assert f"min size {expected} px" in out
+    # ... and the class-balance shift of the same masks (gaps carved as in training), stored so
+    # that predict divides it out: balance * log(background / foreground), averaged per pixel.
+    carved = [carve_gaps(tifffile.imread(m)) != 0 for m in sorted(glob.glob(str(synth_folder / "masks" / "*")))]
+    shift = sum(c.size * config.targets.balance * np.log((1 - c.mean()) / c.mean()) for c in carved)
+    shift /= sum(c.size for c in carved)
+    assert shift > 0.1 and saved.balance_shift == pytest.approx(shift, abs=1e-5)
+    assert f"balance shift {shift:+.3f}" in out

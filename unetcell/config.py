@@ -16,6 +16,7 @@ Unknown sections or keys are an error that names the file and the key, never sil
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -208,9 +209,10 @@ class PredictConfig:
 
     tile: int = 0  # input tile edge; 0 picks the default for the model's depth
     batch_size: int = 4
-    # Foreground probability. 0.7, not 0.5: the class balance and the border weights push
-    # the map up between touching nuclei; 0.7 split more of them on both DSB splits (README).
-    threshold: float = 0.7
+    # Foreground probability, of the calibrated map (balance_shift below): 0.5 is the
+    # threshold of fewest pixel errors. On the uncalibrated maps of round 1 a threshold of 0.7
+    # split more touching nuclei; that was the class balance's shift undone by hand (README).
+    threshold: float = 0.5
     min_size: int = 16  # instances smaller than this (pixels) are dropped
     # ... and smaller than this fraction of the smallest annotated cells (the 1st percentile
     # of the training masks' cell areas, measured when training starts): the network's false
@@ -226,6 +228,12 @@ class PredictConfig:
     # ... and this fraction of the cell's half-width: large cells need deeper necks.
     watershed_ratio: float = 0.1
     tta: bool = False  # average the 8 flips and 90-degree rotations of each image
+    # The logit by which training's class-balance term (targets.balance) raised the foreground:
+    # log(w_fg / w_bg) over the training masks, measured when training starts and stored with
+    # the model. Probabilities are given with it divided out, calibrated to the masks' class
+    # frequencies (tiling.calibrated); 0 gives the network's output as it is (models saved
+    # before it was measured).
+    balance_shift: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.tile >= 0, f"predict.tile must be >= 0. Received: {self.tile}")
@@ -238,6 +246,8 @@ class PredictConfig:
             self.instances in ("watershed", "components"),
             f"predict.instances must be 'watershed' or 'components'. Received: {self.instances!r}",
         )
+        _check(math.isfinite(self.balance_shift) and abs(self.balance_shift) <= 20,
+               f"predict.balance_shift must be a finite logit in [-20, 20]. Received: {self.balance_shift}")
         _check(self.watershed_h >= 0, f"predict.watershed_h must be >= 0. Received: {self.watershed_h}")
         _check(0 <= self.watershed_ratio < 1,
                f"predict.watershed_ratio must be in [0, 1). Received: {self.watershed_ratio}")

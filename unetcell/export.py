@@ -111,7 +111,8 @@ def serving_module(model, config: Config, tile: int | None = None, batch_size: i
 
     def one_image(image):
         normalised = normalize_tf(image, config.normalize)
-        return tiled_forward(model, normalised, tile, batch_size, output="classes")
+        return tiled_forward(model, normalised, tile, batch_size, output="classes",
+                             balance_shift=config.predict.balance_shift)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32, name=INPUT)])
     def serve(images):

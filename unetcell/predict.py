@@ -180,7 +180,7 @@ class Predictor:
         self.channels = int(model.input_shape[-1])
         self.tile, self.note = choose_tile(config.predict.tile, self.geometry)
         self.batch_size = config.predict.batch_size
-        self.predict_fn = forward_fn(model, "foreground", self.geometry)
+        self.predict_fn = forward_fn(model, "foreground", self.geometry, config.predict.balance_shift)
 
     def plan(self, height: int, width: int) -> TilePlan:
         return tile_plan(height, width, self.tile, self.geometry)

@@ -164,6 +164,26 @@ def class_weights(classes_or_labels: np.ndarray, balance: float = 1.0) -> np.nda
     return np.where(foreground, np.float32(w_fg / mean), np.float32(w_bg / mean))
 
 
+def balance_shift(class_maps, balance: float = 1.0) -> float:
+    """log(w_fg / w_bg) of `class_weights` over training images: the logit by which the class
+    term of the loss raises the network's foreground.
+
+    Cross-entropy weighted w_fg on foreground and w_bg on background pixels is minimised by
+    p = w_fg q / (w_fg q + w_bg (1 - q)) where q is the true foreground probability: the logit
+    of q plus log(w_fg / w_bg), a prior shift the network learns exactly. Each image has its
+    own weights (its own class frequencies), so the shift is their mean over every pixel of
+    `class_maps` (class or label images); images of one class, or balance 0, count as 0.
+    """
+    pixels, total = 0, 0.0
+    for classes in class_maps:
+        foreground = np.asarray(classes) != 0
+        fraction = float(np.count_nonzero(foreground)) / max(foreground.size, 1)
+        pixels += foreground.size
+        if 0.0 < fraction < 1.0 and balance:
+            total += foreground.size * balance * math.log((1.0 - fraction) / fraction)
+    return total / pixels if pixels else 0.0
+
+
 # --- gaps between touching cells -------------------------------------------------------------
 
 

@@ -33,6 +33,7 @@ TensorFlow ops, for a serving graph.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 
@@ -177,6 +178,23 @@ def needs_static_shapes(geometry: Geometry) -> bool:
     return geometry.upsampling not in ("transpose", "nearest")
 
 
+def calibrated(probabilities, balance_shift: float = 0.0):
+    """Class probabilities (..., classes) with training's class balance divided out: each
+    class's probability over its weight in the loss, renormalised. With log(w_fg / w_bg) =
+    `balance_shift` (`targets.balance_shift`) that multiplies background by exp(shift); the
+    foreground's logit drops by exactly the shift, which undoes the prior shift the weighted
+    loss taught, so 0.5 is again the threshold of fewest pixel errors. The border term is
+    left in: its pull towards background between touching cells is what opens the gaps."""
+    if not balance_shift:
+        return probabilities
+    import tensorflow as tf
+
+    classes = tf.shape(probabilities)[-1]
+    scale = 1.0 + tf.one_hot(0, classes, dtype=probabilities.dtype) * (math.exp(balance_shift) - 1.0)
+    weighted = probabilities * scale
+    return weighted / tf.reduce_sum(weighted, axis=-1, keepdims=True)
+
+
 def foreground(probabilities):
     """The foreground probability from class probabilities (..., classes): the sum of every
     class but background (class 0), which for two classes is exactly class 1."""
@@ -185,12 +203,14 @@ def foreground(probabilities):
     return tf.reduce_sum(probabilities[..., 1:], axis=-1)
 
 
-def forward_fn(model, output: str = "foreground", geometry: Geometry | None = None) -> PredictFn:
+def forward_fn(model, output: str = "foreground", geometry: Geometry | None = None,
+               balance_shift: float = 0.0) -> PredictFn:
     """`model` as a numpy `predict_fn` for `predict_tiled_bands`: a batch of tiles in one
     `tf.function` with a fixed input signature (any batch, height and width, so it traces once;
     no `jit_compile`, 3.4x slower on CPU).
 
-    output: "foreground" gives (B, h, w) foreground probabilities, "classes" (B, h, w, classes).
+    output: "foreground" gives (B, h, w) foreground probabilities, "classes" (B, h, w, classes),
+    with training's class balance divided out (`calibrated`).
     """
     import tensorflow as tf
 
@@ -202,7 +222,7 @@ def forward_fn(model, output: str = "foreground", geometry: Geometry | None = No
     def make(height, width):
         @tf.function(input_signature=[tf.TensorSpec((None, height, width, channels), tf.float32)])
         def run(batch):
-            probabilities = model(batch, training=False)
+            probabilities = calibrated(model(batch, training=False), balance_shift)
             return foreground(probabilities) if output == "foreground" else probabilities
 
         return run
@@ -236,12 +256,13 @@ def mirror_positions_tf(positions, n):
     return tf.where(folded < n, folded, period - folded)
 
 
-def tiled_forward(model, image, tile: int, batch_size: int = 4, output: str = "foreground"):
+def tiled_forward(model, image, tile: int, batch_size: int = 4, output: str = "foreground",
+                  balance_shift: float = 0.0):
     """The whole overlap-tile pass as TensorFlow ops, for a `tf.function` or a serving graph.
 
     `image` is (H, W, C) float32, already normalised, with H and W known only at run time; the
     result is (H, W) foreground probabilities (or (H, W, classes) for output="classes"), equal
-    to `predict_tiled` with `forward_fn(model)` to float round-off. The plan is `tile_plan`'s
+    to `predict_tiled` with `forward_fn(model, balance_shift=...)` to float round-off. The plan is `tile_plan`'s
     (balanced tiles on the 2**depth grid; fixed `tile` x `tile` windows for models that need
     static shapes); the mirrored context is an index map gathered with `tf.gather_nd`
     (`tf.pad(mode="REFLECT")` fails once the pad reaches the image size). Tiles are cut batch
@@ -278,7 +299,7 @@ def tiled_forward(model, image, tile: int, batch_size: int = 4, output: str = "f
         return tiles
 
     def body(i, kept):
-        probabilities = model(cut(i * batch_size), training=False)
+        probabilities = calibrated(model(cut(i * batch_size), training=False), balance_shift)
         probabilities = probabilities[:, crop:crop + sy, crop:crop + sx]
         result = foreground(probabilities) if output == "foreground" else probabilities
         return i + 1, kept.write(i, result)

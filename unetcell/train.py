@@ -35,7 +35,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import augment
+from . import augment, targets
 from .config import Config, save_config
 from .data import (
     TileGeometry,
@@ -291,6 +291,7 @@ def _train(
     _say(verbose, f"{len(pairs)} image(s) from {data}: {report.describe()}")
     train_examples, val_examples = split_examples(examples, config.train.val_fraction, config.train.seed)
     config = _annotated_min_size(config, examples, verbose)
+    config = _balance_shift(config, examples, verbose)
     geometry = TileGeometry.for_config(config)
     if geometry.input != config.train.tile:
         _say(verbose, f"tile {config.train.tile} is not valid for this U-Net; using {geometry.input}")
@@ -521,6 +522,16 @@ def _annotated_min_size(config: Config, examples, verbose: int) -> Config:
     _say(verbose, f"min size {floor} px: {p.min_size_fraction:g} of the smallest annotated cells "
                   f"({smallest:.0f} px, 1st percentile of the masks' cell areas)")
     return config.override("predict", min_size=floor)
+
+
+def _balance_shift(config: Config, examples, verbose: int) -> Config:
+    """Store the logit by which the class-balance term raises the foreground, so that predict
+    divides it out and gives calibrated probabilities (`tiling.calibrated`)."""
+    shift = targets.balance_shift([e.classes for e in examples], config.targets.balance)
+    if shift:
+        _say(verbose, f"class balance: the loss weighs foreground x{math.exp(shift):.2f} against "
+                      f"background here; predict divides it out (balance shift {shift:+.3f})")
+    return config.override("predict", balance_shift=round(shift, 6))
 
 
 def tune_saved_model(run_dir: Path, config: Config, val_examples, verbose: int = 1):
