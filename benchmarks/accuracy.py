@@ -93,7 +93,8 @@ def otsu_watershed(image: np.ndarray) -> np.ndarray:
 
 
 PRESETS = {  # method: the configuration it trains and predicts with
-    "round-1": (Config().override("model", batch_norm=False).override("train", schedule="constant")
+    "round-1": (Config().override("model", batch_norm=False)
+                .override("train", schedule="constant", calibrate=False)
                 .override("predict", threshold=0.5, min_size=16, min_size_fraction=0.0,
                           instances="components")),
     "new": Config(),

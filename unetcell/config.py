@@ -176,6 +176,9 @@ class TrainConfig:
     mixed_precision: str = "off"  # off | bfloat16 | float16: compute dtype; variables stay float32
     # Pick predict.threshold, min_size and watershed_h on the validation images at the end.
     tune_postprocessing: bool = True
+    # Measure the class balance's shift of the foreground logit on the masks and store it
+    # (predict.balance_shift), so predict gives calibrated probabilities; false: raw output.
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs must be >= 1. Received: {self.epochs}")

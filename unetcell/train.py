@@ -527,6 +527,8 @@ def _annotated_min_size(config: Config, examples, verbose: int) -> Config:
 def _balance_shift(config: Config, examples, verbose: int) -> Config:
     """Store the logit by which the class-balance term raises the foreground, so that predict
     divides it out and gives calibrated probabilities (`tiling.calibrated`)."""
+    if not config.train.calibrate:
+        return config
     shift = targets.balance_shift([e.classes for e in examples], config.targets.balance)
     if shift:
         _say(verbose, f"class balance: the loss weighs foreground x{math.exp(shift):.2f} against "
