@@ -204,7 +204,8 @@ def test_every_architecture_is_in_the_cli():
 def test_export_serves_each_architecture_as_predict_does(arch, tmp_path):
     from unetcell.export import check_export, export_model
 
-    config = Config().override("model", arch=arch, filters=4, depth=2, dropout=0.0)
+    depth = dict(depth=2) if arch == "unet-separable" else {}  # the others have their own
+    config = Config().override("model", arch=arch, filters=4, dropout=0.0, **depth)
     keras.utils.set_random_seed(3)
     model = save_model(build_model(config.model), tmp_path / "model.keras", config)
     saved = export_model(model, tmp_path / "serving" / "1")
