@@ -12,7 +12,7 @@ from unetcell.deeplab import ASPP_RATES, IMAGE_POOL_WINDOW, image_pool_window
 from unetcell.errors import ConfigError
 from unetcell.fcn import bilinear_kernel
 from unetcell.geometry import Geometry, TileGeometry, smallest_tile
-from unetcell.model import build_model, build_unet, load_model, save_model
+from unetcell.model import build_model, build_unet, load_model, save_model, saved_config
 from unetcell.predict import choose_tile
 from unetcell.receptive import _CACHE_ATTRIBUTE, impulse_response_radius, receptive_radius
 from unetcell.tiling import forward_fn, predict_tiled, whole_image_predict
@@ -262,7 +262,43 @@ def test_the_unets_defaults_build_fcn8s_and_deeplab_as_published_and_old_saved_c
     config = Config().override("model", arch="fcn8s", filters=4, dropout=0.0)
     save_model(default, tmp_path / "fcn.keras", config)
     loaded, saved = load_model(tmp_path / "fcn.keras")
-    assert saved.model.depth == 4 and loaded.get_layer("score_pool3") is not None
+    # The config read back describes the network in the file.
+    assert (saved.model.depth, saved.model.padding) == (5, "same") and loaded.get_layer("score_pool3")
+
+
+def rewrite_config(path, **model):
+    """`path` as an older unetcell wrote it: the same model with `model` in its [model] table."""
+    import zipfile
+
+    import tomli_w
+    import tomllib
+
+    from unetcell.model import CONFIG_ENTRY
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    data = tomllib.loads(entries[CONFIG_ENTRY].decode())
+    data["model"].update(model)
+    entries[CONFIG_ENTRY] = tomli_w.dumps(data).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_a_model_saved_with_a_setting_its_network_ignored_loads_as_the_network_it_is(tmp_path):
+    from unetcell.errors import DataError
+
+    # The last version ignored --depth for these networks and saved what the user typed.
+    config = Config().override("model", arch="deeplabv3plus", filters=4, dropout=0.0)
+    path = save_model(tiny("deeplabv3plus"), tmp_path / "deeplab.keras", config)  # stride 16
+    _, saved = load_model(rewrite_config(path, depth=3, upsampling="nearest"))
+    assert (saved.model.depth, saved.model.upsampling) == (4, "bilinear")
+    config = Config().override("model", arch="fcn8s", filters=4, dropout=0.0, upsampling="nearest")
+    path = save_model(tiny("fcn8s", upsampling="nearest"), tmp_path / "fcn.keras", config)
+    saved = saved_config(rewrite_config(path, depth=2, upsampling="transpose"))  # what load_model reads
+    assert (saved.model.depth, saved.model.padding, saved.model.upsampling) == (5, "same", "nearest")
+    with pytest.raises(DataError, match="its config says deeplabv3plus, but its Keras config.json does not"):
+        saved_config(rewrite_config(path, arch="deeplabv3plus"))
 
 
 def known_receptive(model, radius=100):

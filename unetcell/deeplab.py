@@ -17,7 +17,7 @@ U-Net, at a width that follows `filters`.
 Output stride 8 (`depth` 3; 16 is `depth` 4, the default): as in the paper, the last two
 blocks keep the resolution and dilate instead (rates 2 and 4), and every atrous rate after them
 doubles (ASPP 12, 24 and 36), so the field of view in input pixels is the same at twice the
-feature resolution and about four times the multiply-adds of those blocks.
+feature resolution, for about four times the multiply-adds from the third block on.
 
 Image-level pooling. The paper averages the features over the whole image, so every output
 pixel depends on every input pixel and tiled prediction of a slide could never equal one pass
