@@ -1,17 +1,20 @@
 """The architectures beside the U-Net (--arch): their structure, their size rules, the measured
 receptive field that tiles them, tiled prediction against one whole-image pass, and export."""
 
+from dataclasses import replace
+
 import keras
 import numpy as np
 import pytest
 
 from unetcell.config import ARCHITECTURES, Config, ModelConfig, config_from_dict
-from unetcell.deeplab import ASPP_RATES, IMAGE_POOL_WINDOW
+from unetcell.deeplab import ASPP_RATES, IMAGE_POOL_WINDOW, image_pool_window
 from unetcell.errors import ConfigError
 from unetcell.fcn import bilinear_kernel
 from unetcell.geometry import Geometry, TileGeometry, smallest_tile
-from unetcell.model import build_model, build_unet, load_model, save_model
-from unetcell.receptive import impulse_response_radius, receptive_radius
+from unetcell.model import build_model, build_unet, load_model, save_model, saved_config
+from unetcell.predict import choose_tile
+from unetcell.receptive import _CACHE_ATTRIBUTE, impulse_response_radius, receptive_radius
 from unetcell.tiling import forward_fn, predict_tiled, whole_image_predict
 
 
@@ -101,9 +104,13 @@ def test_deeplab_has_aspp_rates_image_pooling_separable_convs_and_low_level_deco
     assert layers["decoder_concat"].input[1].shape[-1] == 6
 
 
-def test_image_pooling_over_the_window_is_the_whole_tile_average_on_a_training_tile():
-    x = np.random.default_rng(0).random((1, 16, 16, 3)).astype(np.float32)  # a 256-pixel tile
-    pooled = np.asarray(keras.layers.AveragePooling2D(IMAGE_POOL_WINDOW, strides=1, padding="same")(x))
+@pytest.mark.parametrize("stride", [16, 8])
+def test_image_pooling_over_the_window_is_the_whole_tile_average_on_a_training_tile(stride):
+    features = 256 // stride  # a 256-pixel tile
+    x = np.random.default_rng(0).random((1, features, features, 3)).astype(np.float32)
+    window = image_pool_window(stride)
+    assert window == {16: IMAGE_POOL_WINDOW, 8: 63}[stride]
+    pooled = np.asarray(keras.layers.AveragePooling2D(window, strides=1, padding="same")(x))
     np.testing.assert_allclose(pooled, np.broadcast_to(x.mean((1, 2), keepdims=True), x.shape), rtol=1e-5)
 
 
@@ -197,8 +204,168 @@ def test_every_architecture_is_in_the_cli():
 def test_export_serves_each_architecture_as_predict_does(arch, tmp_path):
     from unetcell.export import check_export, export_model
 
-    config = Config().override("model", arch=arch, filters=4, depth=2, dropout=0.0)
+    depth = dict(depth=2) if arch == "unet-separable" else {}  # the others have their own
+    config = Config().override("model", arch=arch, filters=4, dropout=0.0, **depth)
     keras.utils.set_random_seed(3)
     model = save_model(build_model(config.model), tmp_path / "model.keras", config)
     saved = export_model(model, tmp_path / "serving" / "1")
     assert check_export(model, saved, shape=(150, 201)) < 1e-5
+
+
+# --- the U-Net's settings on FCN-8s and DeepLabv3+: honoured, or refused in one line ------------
+
+@pytest.mark.parametrize("arch, setting, message", [
+    ("fcn8s", dict(depth=3), r"model.depth \(--depth\) is fixed at 5 for fcn8s: VGG-16's five poolings"),
+    ("fcn8s", dict(depth=6), r"is fixed at 5 for fcn8s.*Received: 6$"),
+    ("deeplabv3plus", dict(depth=2), r"model.depth \(--depth\) sets the output stride 2\*\*depth of "
+                                      r"deeplabv3plus: 4 \(16, the default\) or 3 \(8"),
+    ("deeplabv3plus", dict(depth=5), r"Received: 5$"),
+    ("deeplabv3plus", dict(upsampling="nearest"), r"model.upsampling is bilinear for deeplabv3plus"),
+])
+def test_a_setting_the_architecture_does_not_have_is_refused_in_one_line(arch, setting, message):
+    for make in (lambda: ModelConfig(arch=arch, **setting),
+                 lambda: config_from_dict({"model": dict(arch=arch, **setting)}),  # config.toml
+                 lambda: Config().override("model", **setting).override("model", arch=arch)):
+        with pytest.raises(ConfigError, match=message) as error:
+            make()
+        assert "\n" not in str(error.value)
+
+
+def test_the_cli_refuses_a_depth_fcn8s_does_not_have_before_any_work(tmp_path):
+    from click.testing import CliRunner
+
+    from unetcell.cli import main
+
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"),
+                                       "--arch", "fcn8s", "--depth", "3"])
+    assert result.exit_code == 1
+    assert "model.depth (--depth) is fixed at 5 for fcn8s" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_the_unets_defaults_build_fcn8s_and_deeplab_as_published_and_old_saved_configs_load(tmp_path):
+    # What the last version saved with these networks: the U-Net's defaults in [model].
+    for arch in ("fcn8s", "deeplabv3plus"):
+        saved = config_from_dict({"model": dict(arch=arch, depth=4, padding="valid", upsampling="transpose")})
+        assert saved.model == ModelConfig(arch=arch)
+    assert Geometry.of_config(ModelConfig(arch="fcn8s")) == Geometry.of_config(
+        ModelConfig(arch="fcn8s", depth=5, padding="same")) == Geometry(5, "same", "transpose", "fcn8s")
+    assert Geometry.of_config(ModelConfig(arch="deeplabv3plus")) == Geometry.of_config(
+        ModelConfig(arch="deeplabv3plus", padding="same", upsampling="bilinear")) == \
+        Geometry(4, "same", "bilinear", "deeplabv3plus")
+    # Explicitly the values the networks have: the same networks, layer for layer.
+    for arch, setting in (("deeplabv3plus", dict(depth=4, padding="same", upsampling="bilinear")),
+                          ("fcn8s", dict(depth=5, padding="same"))):
+        default, explicit = tiny(arch), tiny(arch, **setting)
+        assert [(layer.name, layer.count_params()) for layer in default.layers] == \
+            [(layer.name, layer.count_params()) for layer in explicit.layers]
+    config = Config().override("model", arch="fcn8s", filters=4, dropout=0.0)
+    save_model(default, tmp_path / "fcn.keras", config)
+    loaded, saved = load_model(tmp_path / "fcn.keras")
+    # The config read back describes the network in the file.
+    assert (saved.model.depth, saved.model.padding) == (5, "same") and loaded.get_layer("score_pool3")
+
+
+def rewrite_config(path, **model):
+    """`path` as an older unetcell wrote it: the same model with `model` in its [model] table."""
+    import zipfile
+
+    import tomli_w
+    import tomllib
+
+    from unetcell.model import CONFIG_ENTRY
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    data = tomllib.loads(entries[CONFIG_ENTRY].decode())
+    data["model"].update(model)
+    entries[CONFIG_ENTRY] = tomli_w.dumps(data).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_a_model_saved_with_a_setting_its_network_ignored_loads_as_the_network_it_is(tmp_path):
+    from unetcell.errors import DataError
+
+    # The last version ignored --depth for these networks and saved what the user typed.
+    config = Config().override("model", arch="deeplabv3plus", filters=4, dropout=0.0)
+    path = save_model(tiny("deeplabv3plus"), tmp_path / "deeplab.keras", config)  # stride 16
+    _, saved = load_model(rewrite_config(path, depth=3, upsampling="nearest"))
+    assert (saved.model.depth, saved.model.upsampling) == (4, "bilinear")
+    config = Config().override("model", arch="fcn8s", filters=4, dropout=0.0, upsampling="nearest")
+    path = save_model(tiny("fcn8s", upsampling="nearest"), tmp_path / "fcn.keras", config)
+    saved = saved_config(rewrite_config(path, depth=2, upsampling="transpose"))  # what load_model reads
+    assert (saved.model.depth, saved.model.padding, saved.model.upsampling) == (5, "same", "nearest")
+    with pytest.raises(DataError, match="its config says deeplabv3plus, but its Keras config.json does not"):
+        saved_config(rewrite_config(path, arch="deeplabv3plus"))
+
+
+def known_receptive(model, radius=100):
+    """`model` with its receptive field's radius set, so `Geometry.of_model` reads its layers
+    without the impulse probe (measured in the tests above)."""
+    setattr(model, _CACHE_ATTRIBUTE, radius)
+    return model
+
+
+def test_deeplab_depth_3_is_output_stride_8_with_doubled_rates():
+    model = tiny("deeplabv3plus", depth=3)
+    layers = {layer.name: layer for layer in model.layers}
+    for rate in ASPP_RATES:
+        assert layers[f"aspp_rate{2 * rate}"].dilation_rate == (2 * rate, 2 * rate)
+    assert layers["block3_sep3"].strides == (1, 1) and layers["block3_sep1"].dilation_rate == (2, 2)
+    assert layers["block4_sep1"].dilation_rate == (4, 4)
+    assert layers["aspp_pool"].pool_size == (63, 63) and layers["decoder_upsample"].size == (2, 2)
+    # Features at stride 8: the ASPP sees a 5 x 7 map of a 40 x 56 image, and the output has its size.
+    image = np.random.default_rng(0).random((1, 40, 56, 1), np.float32)
+    assert tuple(layers["aspp_concat"].output.shape[1:3]) == (None, None)
+    features = keras.Model(model.input, layers["aspp_concat"].output)(image)
+    assert features.shape[1:3] == (5, 7) and model(image).shape == (1, 40, 56, 2)
+    geometry = Geometry.of_model(known_receptive(model))
+    assert geometry == Geometry(3, "same", "bilinear", "deeplabv3plus", 100) == \
+        replace(Geometry.of_config(ModelConfig(arch="deeplabv3plus", depth=3)), receptive=100)
+    assert (geometry.grid, geometry.context, geometry.valid_tile(100), geometry.output_size(104)) == (8, 104, 104, 104)
+    # A model of the last version (stride 16) still reads as stride 16.
+    assert Geometry.of_model(known_receptive(tiny("deeplabv3plus"))).grid == 16
+
+
+@pytest.mark.parametrize("upsampling", ["transpose", "bilinear", "nearest"])
+def test_fcn8s_honours_the_upsampling_mode_of_its_2x_steps(upsampling):
+    model = tiny("fcn8s", upsampling=upsampling)
+    layers = {layer.name: layer for layer in model.layers}
+    for name in ("upscore2", "upscore_pool4"):
+        if upsampling == "transpose":
+            assert isinstance(layers[name], keras.layers.Conv2DTranspose) and layers[name].trainable
+        else:
+            assert isinstance(layers[name], keras.layers.UpSampling2D)
+            assert layers[name].interpolation == upsampling
+    assert isinstance(layers["upscore8"], keras.layers.Conv2DTranspose)  # the fixed 8x bilinear step
+    assert Geometry.of_model(known_receptive(model)).upsampling == upsampling
+    assert Geometry.of_config(ModelConfig(arch="fcn8s", upsampling=upsampling)).upsampling == upsampling
+
+
+@pytest.mark.parametrize("arch", ["fcn8s", "deeplabv3plus"])
+def test_batch_norm_dropout_and_filters_are_honoured(arch):
+    plain = tiny(arch)  # 4 filters, no dropout, no batch norm
+    keras.utils.set_random_seed(1)
+    other = build_model(ModelConfig(arch=arch, filters=8, dropout=0.3, batch_norm=True))
+    assert not any(isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Dropout))
+                   for layer in plain.layers)
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in other.layers) >= 10
+    rates = [layer.rate for layer in other.layers if isinstance(layer, keras.layers.Dropout)]
+    assert rates and set(rates) == {0.3}
+    assert other.count_params() > 3 * plain.count_params()
+
+
+def test_tile_messages_name_the_architecture():
+    fcn = Geometry(5, "same", "transpose", "fcn8s", receptive=236)
+    tile, note = choose_tile(100, fcn)
+    assert tile == 544 and note == ("tile 100 is too small for fcn8s (stride 32); using the smallest "
+                                    "tile that keeps any output, 544")
+    tile, note = choose_tile(1000, Geometry(3, "same", "bilinear", "deeplabv3plus", receptive=469))
+    assert tile == 1000 and note is None
+    tile, note = choose_tile(1003, Geometry(3, "same", "bilinear", "deeplabv3plus", receptive=469))
+    assert tile == 1000 and note == ("tile 1003 is not a valid input size for deeplabv3plus (stride 8); "
+                                     "using the nearest valid size, 1000")
+    assert choose_tile(573, Geometry(4))[1] == ("tile 573 is not a valid input size for a depth-4 U-Net "
+                                                "with valid padding; using the nearest valid size, 572")

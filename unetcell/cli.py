@@ -117,9 +117,10 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 @setting("model", "arch", "--arch", type=click.Choice(["unet", "unet-separable", "fcn8s", "deeplabv3plus"]),
          help="Network: the paper's U-Net (default) or one to compare (README, Architectures).")
 @setting("model", "filters", "--filters", help="Filters of the first level (paper: 64).")
-@setting("model", "depth", "--depth", help="Number of poolings (paper: 4).")
+@setting("model", "depth", "--depth",
+         help="Number of poolings (paper: 4); deeplabv3plus: 4 or 3 (output stride 16 or 8); fcn8s: always 5.")
 @setting("model", "padding", "--padding", type=click.Choice(["valid", "same"]),
-         help="valid: the paper's unpadded convolutions; same: zero padding.")
+         help="valid: the paper's unpadded convolutions; same: zero padding (fcn8s and deeplabv3plus: always).")
 @setting("train", "learning_rate", "--learning-rate", help="The optimizer's learning rate.")
 @setting("train", "schedule", "--schedule", type=click.Choice(["constant", "cosine"]),
          help="Learning rate: constant, or cosine decay after a 5 % warm-up.")
@@ -140,7 +141,7 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
 @click.option("--save-targets", is_flag=True, help="Write PNGs of the class and weight maps to RUN/targets.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in --out.")
 def train(data, run_dir, config_path, manual_dir, resume, save_targets, overwrite, **settings):
-    """Train a U-Net on DATA (images/ and masks/) and write the run to --out.
+    """Train a U-Net (or the network of --arch) on DATA (images/ and masks/) and write the run to --out.
 
     DATA may also be a public data set, tfds:NAME[/CONFIG][:SPLIT] with --manual-dir
     (tfds:isbi2012, tfds:dsb2018, tfds:ctc2d/PhC-C2DH-U373, tfds:ctc2d/DIC-C2DH-HeLa;

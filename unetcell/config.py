@@ -45,8 +45,8 @@ class ModelConfig:
 
     # unet: the paper's network; unet-separable: the same with depthwise separable 3x3
     # convolutions; fcn8s (Long et al. 2015) and deeplabv3plus (Chen et al. 2018) for comparison
-    # (README, Architectures). depth, padding and dropout are the U-Nets' settings: FCN-8s has
-    # five poolings and DeepLabv3+ output stride 16, both zero-padded by construction.
+    # (README, Architectures). What the two of them make of depth, padding and upsampling:
+    # `_check_arch_settings`.
     arch: str = "unet"
     channels: int = 1  # input channels
     # --channels, applied to every image in train, predict and evaluate before the model sees
@@ -84,6 +84,39 @@ class ModelConfig:
             f"Received: {self.upsampling!r}",
         )
         _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1). Received: {self.dropout}")
+        _check_arch_settings(self)
+
+
+# FCN-8s and DeepLabv3+ have structures of their own, so some U-Net settings mean something
+# else for them or nothing at all: each is honoured where the network has it and refused where
+# it has not, never silently ignored. A config cannot tell a default from a value the user
+# typed, so the U-Net's defaults (depth 4, valid padding, transposed up-convolutions) read as
+# "not set" and build the network as published (`unetcell.geometry.Geometry.of_config`):
+# - fcn8s: five poolings (depth 4 or 5 accepted), zero-padded; upsampling honoured (its 2x
+#   steps learned, or fixed bilinear / nearest);
+# - deeplabv3plus: depth honoured as the output stride 2**depth (16 or 8), zero-padded,
+#   bilinear up-sampling (the default transpose reads as bilinear);
+# - both: filters, batch_norm, dropout, channels and classes honoured.
+def _check_arch_settings(model: ModelConfig) -> None:
+    if model.arch == "fcn8s":
+        _check(
+            model.depth in (4, 5),
+            "model.depth (--depth) is fixed at 5 for fcn8s: VGG-16's five poolings, scored at "
+            "pool3, pool4 and pool5 (strides 8, 16 and 32); remove the setting or set 5. "
+            f"Received: {model.depth}",
+        )
+    if model.arch == "deeplabv3plus":
+        _check(
+            model.depth in (3, 4),
+            "model.depth (--depth) sets the output stride 2**depth of deeplabv3plus: 4 (16, the "
+            "default) or 3 (8, the ASPP rates doubled to 12, 24 and 36), as in the paper. "
+            f"Received: {model.depth}",
+        )
+        _check(
+            model.upsampling in ("transpose", "bilinear"),
+            "model.upsampling is bilinear for deeplabv3plus (the paper's decoder: two fixed "
+            f"steps to the input grid); remove the setting or set 'bilinear'. Received: {model.upsampling!r}",
+        )
 
 
 @dataclass(frozen=True)

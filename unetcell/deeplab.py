@@ -10,21 +10,28 @@ U-Net, at a width that follows `filters`.
   field of view without losing resolution).
 - ASPP at output stride 16: a 1x1 convolution, three 3x3 separable convolutions at rates 6, 12
   and 18, and image-level pooling (see below), concatenated and projected by a 1x1 convolution.
-- Decoder: the ASPP features up-sampled bilinearly by 4, concatenated with a 1x1 projection of
-  the low-level features (a few channels, 48 of 256 in the paper), two 3x3 separable
-  convolutions, the classifier, and bilinear up-sampling by 4 to the input grid.
+- Decoder: the ASPP features up-sampled bilinearly to stride 4, concatenated with a 1x1
+  projection of the low-level features (a few channels, 48 of 256 in the paper), two 3x3
+  separable convolutions, the classifier, and bilinear up-sampling by 4 to the input grid.
+
+Output stride 8 (`depth` 3; 16 is `depth` 4, the default): as in the paper, the last two
+blocks keep the resolution and dilate instead (rates 2 and 4), and every atrous rate after them
+doubles (ASPP 12, 24 and 36), so the field of view in input pixels is the same at twice the
+feature resolution, for about four times the multiply-adds from the third block on.
 
 Image-level pooling. The paper averages the features over the whole image, so every output
 pixel depends on every input pixel and tiled prediction of a slide could never equal one pass
 over it. The reference implementation meets the same problem on images larger than its
 training crop and pools over a window of the crop size instead (`image_pooling_crop_size`).
 unetcell does that in training and prediction alike: the average over a window of
-IMAGE_POOL_WINDOW x IMAGE_POOL_WINDOW feature pixels (496 input pixels), padding excluded, which
-is exactly the whole-image average on training tiles up to 256 pixels. The network is then
-local, its receptive field is measured like FCN's (`unetcell.receptive`) and tiling is exact.
+IMAGE_POOL_WINDOW x IMAGE_POOL_WINDOW feature pixels (496 input pixels; 63 x 63 at output
+stride 8, 504), padding excluded, which is exactly the whole-image average on training tiles up
+to POOLED_TILE pixels. The network is then local, its receptive field is measured like FCN's
+(`unetcell.receptive`) and tiling is exact.
 
-All convolutions are zero-padded: valid inputs are the multiples of 16 and the output has the
-input's size. Bilinear up-sampling needs static shapes (`unetcell.tiling.needs_static_shapes`).
+All convolutions are zero-padded: valid inputs are the multiples of the output stride and the
+output has the input's size. Bilinear up-sampling needs static shapes
+(`unetcell.tiling.needs_static_shapes`).
 """
 
 from __future__ import annotations
@@ -34,19 +41,30 @@ from keras import layers
 
 from .config import ModelConfig
 
-OUTPUT_STRIDE = 16
-ASPP_RATES = (6, 12, 18)
-# Feature pixels averaged by the image-level pooling: 2 * 16 - 1 covers every feature pixel of
-# a 256-pixel training tile (16 x 16 features at stride 16) from every position.
-IMAGE_POOL_WINDOW = 31
+OUTPUT_STRIDE = 16  # the default; 8 with `depth` 3
+ASPP_RATES = (6, 12, 18)  # at output stride 16; doubled at 8
+# The training tile whose whole-image average the image-level pooling reproduces.
+POOLED_TILE = 256
+
+
+def image_pool_window(stride: int) -> int:
+    """Feature pixels averaged by the image-level pooling: 2 * (POOLED_TILE / stride) - 1
+    covers every feature pixel of a POOLED_TILE training tile from every position."""
+    return 2 * (POOLED_TILE // stride) - 1
+
+
+IMAGE_POOL_WINDOW = image_pool_window(OUTPUT_STRIDE)  # 31
 
 
 def build_deeplabv3plus(config: ModelConfig | None = None, name: str = "deeplabv3plus") -> keras.Model:
-    """DeepLabv3+ from images (any multiple of 16 high and wide) to class probabilities of the
-    same size. Widths: encoder 1, 2, 4, 8 x filters; ASPP and decoder 8 x filters; low-level
-    projection 3 x filters / 2 (48 of 256, the paper's ratio)."""
+    """DeepLabv3+ from images (any multiple of the output stride 2**depth, 16 or 8, high and
+    wide) to class probabilities of the same size. Widths: encoder 1, 2, 4, 8 x filters; ASPP
+    and decoder 8 x filters; low-level projection 3 x filters / 2 (48 of 256, the paper's
+    ratio)."""
     config = config or ModelConfig(arch="deeplabv3plus")
     f = config.filters
+    stride = 2**config.depth  # 16 or 8 (ModelConfig refuses others)
+    atrous = OUTPUT_STRIDE // stride  # 1 at stride 16, 2 at 8: the factor of every rate
     bias = not config.batch_norm
 
     def finish(x, layer_name, relu=True):
@@ -80,20 +98,24 @@ def build_deeplabv3plus(config: ModelConfig | None = None, name: str = "deeplabv
     x = conv(x, f, 3, "entry_conv2")
     low_level = x = block(x, 2 * f, "block1", strides=2)  # stride 4
     x = block(x, 4 * f, "block2", strides=2)  # stride 8
-    x = block(x, 8 * f, "block3", strides=2)  # stride 16
-    x = block(x, 8 * f, "block4", rate=2)  # atrous: stride 16 kept
+    if atrous == 1:
+        x = block(x, 8 * f, "block3", strides=2)  # stride 16
+    else:
+        x = block(x, 8 * f, "block3", rate=atrous)  # atrous: stride 8 kept
+    x = block(x, 8 * f, "block4", rate=2 * atrous)  # atrous: the output stride kept
 
     width = 8 * f
     branches = [conv(x, width, 1, "aspp_1x1")]
-    branches += [sepconv(x, width, f"aspp_rate{rate}", rate=rate) for rate in ASPP_RATES]
-    pooled = layers.AveragePooling2D(IMAGE_POOL_WINDOW, strides=1, padding="same", name="aspp_pool")(x)
+    branches += [sepconv(x, width, f"aspp_rate{atrous * rate}", rate=atrous * rate) for rate in ASPP_RATES]
+    pooled = layers.AveragePooling2D(image_pool_window(stride), strides=1, padding="same", name="aspp_pool")(x)
     branches.append(conv(pooled, width, 1, "aspp_pool_conv"))
     x = layers.Concatenate(name="aspp_concat")(branches)
     x = conv(x, width, 1, "aspp_project")
     if config.dropout:
         x = layers.Dropout(config.dropout, name="aspp_dropout")(x)
 
-    x = layers.UpSampling2D(4, interpolation="bilinear", name="decoder_upsample")(x)
+    # To the low-level features' stride 4 (`Geometry.of_model` reads the stride from it).
+    x = layers.UpSampling2D(stride // 4, interpolation="bilinear", name="decoder_upsample")(x)
     low = conv(low_level, max(1, 3 * f // 2), 1, "decoder_low_level")
     x = layers.Concatenate(name="decoder_concat")([x, low])
     x = sepconv(x, width, "decoder_sep1")

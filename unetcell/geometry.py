@@ -29,9 +29,10 @@ from .errors import ConfigError
 _CONVS_PER_LEVEL = 2
 
 # The architectures compared with the U-Net (`unetcell.fcn`, `unetcell.deeplab`) are zero-padded
-# throughout, so their size rule is their total stride alone: valid inputs are its multiples
-# and the output has the input's size. Their tiling context is their receptive field, measured
-# on the built network (`unetcell.receptive`). unet-separable has the U-Net's arithmetic.
+# throughout, so their size rule is their total stride 2**depth alone: valid inputs are its
+# multiples and the output has the input's size. Their tiling context is their receptive field,
+# measured on the built network (`unetcell.receptive`). unet-separable has the U-Net's
+# arithmetic. Their published strides (DeepLabv3+ also runs at 8: `model.depth` 3):
 STRIDES = {"fcn8s": 32, "deeplabv3plus": 16}
 
 
@@ -127,8 +128,9 @@ class TileGeometry:
 
 @dataclass(frozen=True)
 class Geometry:
-    """What tiling needs to know about a U-Net: its depth (2**depth is the pooling grid), its
-    padding and up-sampling, and from them the context a tile needs beyond the output it keeps.
+    """What tiling needs to know about a network (a U-Net; FCN-8s and DeepLabv3+ below): its
+    depth (2**depth is the pooling grid), its padding and up-sampling, and from them the
+    context a tile needs beyond the output it keeps.
 
     - `margin`: pixels per side that the network's output lacks against its input (92 at
       depth 4 unpadded; 0 for "same" padding). `predict_fn` must have this geometry.
@@ -141,8 +143,9 @@ class Geometry:
       cropped by `crop` = context - margin, which makes them exact too.
 
     The architectures of `STRIDES` (FCN-8s, DeepLabv3+) have no margin and a grid of their
-    stride; their `context` is `receptive` (the receptive field's radius in pixels, measured
-    on the built network by `Geometry.of_model`) rounded up to the grid.
+    output stride 2**depth (FCN-8s 32; DeepLabv3+ 16 or 8); their `context` is `receptive` (the
+    receptive field's radius in pixels, measured on the built network by `Geometry.of_model`)
+    rounded up to the grid.
     """
 
     depth: int
@@ -161,7 +164,7 @@ class Geometry:
 
     @property
     def grid(self) -> int:
-        return STRIDES[self.arch] if self.strided else 2**self.depth
+        return 2**self.depth
 
     @property
     def context(self) -> int:
@@ -194,7 +197,8 @@ class Geometry:
         return output_size(input_size, self.depth, self.padding)
 
     def describe(self) -> str:
-        """The network in words, for messages: "a depth-4 U-Net with valid padding"."""
+        """The network in words, for messages: "a depth-4 U-Net with valid padding",
+        "fcn8s (stride 32)"."""
         if self.strided:
             return f"{self.arch} (stride {self.grid})"
         return f"a depth-{self.depth} U-Net with {self.padding} padding"
@@ -210,31 +214,39 @@ class Geometry:
     @classmethod
     def of_config(cls, config) -> Geometry:
         """From a `unetcell.config.ModelConfig` (for FCN-8s and DeepLabv3+ without the measured
-        receptive field, which needs the network: `of_model`)."""
-        arch = config.arch if config.arch in STRIDES else "unet"  # unet-separable: the U-Net's sizes
-        upsampling = "bilinear" if arch == "deeplabv3plus" else config.upsampling
-        return cls(config.depth, config.padding, upsampling, arch)
+        receptive field, which needs the network: `of_model`). What FCN-8s and DeepLabv3+ make
+        of depth, padding and upsampling: `unetcell.config._check_arch_settings`."""
+        if config.arch == "fcn8s":
+            return cls(5, "same", config.upsampling, "fcn8s")
+        if config.arch == "deeplabv3plus":
+            return cls(config.depth, "same", "bilinear", "deeplabv3plus")
+        return cls(config.depth, config.padding, config.upsampling)  # unet-separable: the U-Net's
 
     @classmethod
     def of_model(cls, model) -> Geometry:
-        """From a built U-Net's layers (the number of 2x2 poolings, the first convolution's
-        padding, the up-sampling layers), so a model is never tiled by a config's word."""
+        """From a built network's layers (a U-Net's: the number of 2x2 poolings, the first
+        convolution's padding, the up-sampling layers; FCN-8s and DeepLabv3+ by their layer
+        names, with the measured receptive field), so a model is never tiled by a config's word."""
         import keras
 
-        names = {layer.name for layer in model.layers}
+        layers = {layer.name: layer for layer in model.layers}
         for arch, marker in (("fcn8s", "score_pool3"), ("deeplabv3plus", "aspp_pool")):
-            if marker in names:
+            if marker in layers:
                 from .receptive import receptive_radius
 
+                stride = STRIDES[arch]
+                if arch == "deeplabv3plus":  # up-sampled to the low-level features' stride 4
+                    stride = 4 * layers["decoder_upsample"].size[0]
                 ups = [layer for layer in model.layers if isinstance(layer, keras.layers.UpSampling2D)]
                 upsampling = ups[0].interpolation if ups else "transpose"
-                return cls(STRIDES[arch].bit_length() - 1, "same", upsampling, arch,
-                           receptive_radius(model, STRIDES[arch]))
+                return cls(stride.bit_length() - 1, "same", upsampling, arch,
+                           receptive_radius(model, stride))
         depth = sum(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
         convs = [layer for layer in model.layers
                  if isinstance(layer, (keras.layers.Conv2D, keras.layers.SeparableConv2D))]
         if depth < 1 or not convs:
-            raise ConfigError(f"model {model.name!r} does not look like a U-Net (no pooling or convolution)")
+            raise ConfigError(f"model {model.name!r} does not look like a U-Net, FCN-8s or DeepLabv3+ "
+                              "(no pooling or convolution)")
         ups = [layer for layer in model.layers if isinstance(layer, keras.layers.UpSampling2D)]
         upsampling = ups[0].interpolation if ups else "transpose"
         return cls(depth, convs[0].padding, upsampling)

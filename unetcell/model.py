@@ -200,7 +200,32 @@ def saved_config(path: str | os.PathLike) -> Config | None:
     text = _open_model_file(path, read_config=True)
     if text is None:
         return None
-    return config_from_dict(tomllib.loads(text), source=f"{path}:{CONFIG_ENTRY}")
+    data = tomllib.loads(text)
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("arch") in ("fcn8s", "deeplabv3plus"):
+        model.update(_network_settings(path, model["arch"]))
+    return config_from_dict(data, source=f"{path}:{CONFIG_ENTRY}")
+
+
+def _network_settings(path: Path, arch: str) -> dict:
+    """depth, padding and upsampling as the FCN-8s or DeepLabv3+ saved in `path` has them, read
+    from Keras' own config.json in the archive. unetcell before the settings were checked
+    (`unetcell.config._check_arch_settings`) ignored them for these networks and saved what
+    the user had typed (a depth of 2, say), which the check now refuses: the network is the
+    truth, and the config read back describes it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            layers = json.loads(archive.read("config.json"))["config"]["layers"]
+        kinds = {layer["config"]["name"]: layer for layer in layers}
+        if arch == "fcn8s":
+            step = kinds["upscore2"]
+            upsampling = step["config"]["interpolation"] if step["class_name"] == "UpSampling2D" else "transpose"
+            return dict(depth=5, padding="same", upsampling=upsampling)
+        stride = 4 * int(kinds["decoder_upsample"]["config"]["size"][0])  # up-sampled to stride 4
+        return dict(depth=stride.bit_length() - 1, padding="same", upsampling="bilinear")
+    except (KeyError, TypeError, ValueError, IndexError, zipfile.BadZipFile, OSError):
+        raise DataError(f"{path}: its config says {arch}, but its Keras config.json does not hold "
+                        f"that network; the file is not a usable unetcell model") from None
 
 
 def _open_model_file(path: Path, read_config: bool) -> str | None:

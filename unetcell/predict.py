@@ -101,14 +101,14 @@ def choose_tile(requested: int, geometry: Geometry) -> tuple[int, str | None]:
     smallest = smallest_tile(geometry)
     if requested < smallest:
         return smallest, (
-            f"tile {requested} is too small for a depth-{geometry.depth} U-Net; "
+            f"tile {requested} is too small for {geometry.describe()}; "
             f"using the smallest tile that keeps any output, {smallest}"
         )
     tile = geometry.valid_tile(requested, "nearest")  # >= smallest, itself a valid size
     if tile != requested:
         return tile, (
-            f"tile {requested} is not a valid input size for a depth-{geometry.depth} U-Net "
-            f"with {geometry.padding} padding; using the nearest valid size, {tile}"
+            f"tile {requested} is not a valid input size for {geometry.describe()}; "
+            f"using the nearest valid size, {tile}"
         )
     return tile, None
 
@@ -165,7 +165,8 @@ class SlideResult:
 
 
 class Predictor:
-    """A trained U-Net ready to segment images of any size by overlap-tile prediction.
+    """A trained network (any --arch) ready to segment images of any size by overlap-tile
+    prediction.
 
     The percentile normalisation, the threshold and the minimum cell size come from the
     settings saved with the model (`config` overrides them); the tile edge and batch size
