@@ -241,6 +241,14 @@ def test_the_cli_refuses_a_depth_fcn8s_does_not_have_before_any_work(tmp_path):
     assert result.exit_code == 1
     assert "model.depth (--depth) is fixed at 5 for fcn8s" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+    # The U-Net's defaults, typed: the config alone cannot tell them from untouched ones.
+    for arch, typed, said in [("fcn8s", ["--depth", "4"], "five poolings"),
+                              ("fcn8s", ["--padding", "valid"], "zero-padded"),
+                              ("deeplabv3plus", ["--padding", "valid"], "zero-padded")]:
+        result = CliRunner().invoke(main, ["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"),
+                                           "--arch", arch, *typed])
+        assert result.exit_code == 1 and said in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "run").exists()
 
 
 def test_the_unets_defaults_build_fcn8s_and_deeplab_as_published_and_old_saved_configs_load(tmp_path):

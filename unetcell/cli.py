@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .errors import UnetcellError
+from .errors import ConfigError, UnetcellError
 from .quiet import quiet_tensorflow_import
 
 # TensorFlow's C++ start-up chatter is noise to a user; real errors still surface.
@@ -85,7 +85,18 @@ def with_settings(config, settings: dict):
         sections.setdefault(section, {})[name] = value
     for section, values in sections.items():
         config = config.override(section, **values)
+    _refuse_typed_defaults(config.model, sections.get("model", {}))
     return config
+
+
+def _refuse_typed_defaults(model, given: dict) -> None:
+    """The config cannot tell a typed default from an untouched one, and FCN-8s and DeepLabv3+
+    take the U-Net's defaults to mean "as published" (config._check_arch_settings); what a
+    user typed on the command line that they would silently not do is refused here."""
+    if model.arch in ("fcn8s", "deeplabv3plus") and given.get("padding") == "valid":
+        raise ConfigError(f"--padding valid: {model.arch} is zero-padded throughout (same); remove --padding")
+    if model.arch == "fcn8s" and given.get("depth") == 4:
+        raise ConfigError("--depth 4: fcn8s has VGG-16's five poolings (depth 5); remove --depth or set 5")
 
 
 @main.command()

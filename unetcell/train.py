@@ -48,6 +48,7 @@ from .data import (
 from .distribute import Role, make_strategy, role, worker_dir
 from .errors import OutputExistsError, TrainingStopped, UnetcellError
 from .files import write_text_atomic
+from .geometry import Geometry
 from .losses import WeightedCrossEntropy, foreground_counts
 from .model import build_model, load_model, save_model, saved_config, saved_entry
 
@@ -294,7 +295,8 @@ def _train(
     config = _balance_shift(config, examples, verbose)
     geometry = TileGeometry.for_config(config)
     if geometry.input != config.train.tile:
-        _say(verbose, f"tile {config.train.tile} is not valid for this U-Net; using {geometry.input}")
+        network = Geometry.of_config(config.model).describe()
+        _say(verbose, f"tile {config.train.tile} is not valid for {network}; using {geometry.input}")
         config = config.override("train", tile=geometry.input)
     _say(verbose, f"training tiles {geometry.input} -> {geometry.output} px; "
                   f"validation: {', '.join(e.name for e in val_examples) or 'none'}")
