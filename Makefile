@@ -21,7 +21,7 @@ demo: install
 	bash experiments/demo.sh
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # The unit tests without the end-to-end runs marked slow.
 test-fast: install

@@ -10,6 +10,7 @@ import pytest
 from unetcell.config import ARCHITECTURES, Config, ModelConfig, config_from_dict
 from unetcell.deeplab import ASPP_RATES, IMAGE_POOL_WINDOW, image_pool_window
 from unetcell.errors import ConfigError
+from unetcell.export import FOREGROUND, INPUT, SIGNATURE
 from unetcell.fcn import bilinear_kernel
 from unetcell.geometry import Geometry, TileGeometry, smallest_tile
 from unetcell.model import build_model, build_unet, load_model, save_model, saved_config
@@ -199,17 +200,63 @@ def test_every_architecture_is_in_the_cli():
         assert arch in help_text
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["unet-separable", "fcn8s", "deeplabv3plus"])
-def test_export_serves_each_architecture_as_predict_does(arch, tmp_path):
-    from unetcell.export import check_export, export_model
+EXPORTED = ["unet-separable", "fcn8s", "deeplabv3plus"]
 
-    depth = dict(depth=2) if arch == "unet-separable" else {}  # the others have their own
-    config = Config().override("model", arch=arch, filters=4, dropout=0.0, **depth)
-    keras.utils.set_random_seed(3)
-    model = save_model(build_model(config.model), tmp_path / "model.keras", config)
-    saved = export_model(model, tmp_path / "serving" / "1")
-    assert check_export(model, saved, shape=(150, 201)) < 1e-5
+# `unetcell.export.check_export`'s fresh process (TensorFlow alone: Keras unimportable,
+# unetcell not on the path) for several SavedModels at once, to pay TensorFlow's start once.
+SERVE_EACH = f"""
+import sys
+sys.modules["keras"] = sys.modules["tf_keras"] = None
+import numpy as np, tensorflow as tf
+source, target, *saved = sys.argv[1:]
+images = tf.constant(np.load(source))
+out = {{}}
+for i, path in enumerate(saved):
+    serve = tf.saved_model.load(path).signatures["{SIGNATURE}"]
+    out[str(i)] = serve({INPUT}=images)["{FOREGROUND}"].numpy()
+if "unetcell" in sys.modules:
+    sys.exit("loading a SavedModel imported unetcell")
+np.savez(target, **out)
+"""
+
+
+@pytest.fixture(scope="module")
+def served_and_predicted(tmp_path_factory):
+    """arch -> (the SavedModel's foreground probability of a raw 150 x 201 image, served in a
+    fresh process; `unetcell predict`'s of the same image), as `check_export` compares them."""
+    import os
+    import subprocess
+    import sys
+
+    from unetcell.export import export_model
+    from unetcell.predict import load_predictor
+
+    folder = tmp_path_factory.mktemp("export")
+    image = (np.random.default_rng(0).random((150, 201, 1)) * 255).round().astype(np.float32)
+    np.save(folder / "image.npy", image[None])
+    saved, predicted = [], []
+    for arch in EXPORTED:
+        depth = dict(depth=2) if arch == "unet-separable" else {}  # the others have their own
+        config = Config().override("model", arch=arch, filters=4, dropout=0.0, **depth)
+        keras.utils.set_random_seed(3)
+        model = save_model(build_model(config.model), folder / f"{arch}.keras", config)
+        saved.append(str(export_model(model, folder / arch / "1")))
+        predicted.append(load_predictor(model).probabilities(image))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-I", "-c", SERVE_EACH, str(folder / "image.npy"),
+                          str(folder / "served.npz"), *saved],
+                         cwd=folder, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with np.load(folder / "served.npz") as served:
+        return {arch: (served[str(i)][0], predicted[i]) for i, arch in enumerate(EXPORTED)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", EXPORTED)
+def test_export_serves_each_architecture_as_predict_does(arch, served_and_predicted):
+    served, predicted = served_and_predicted[arch]
+    assert served.shape == predicted.shape == (150, 201)
+    assert np.abs(served - predicted).max() < 1e-5
 
 
 # --- the U-Net's settings on FCN-8s and DeepLabv3+: honoured, or refused in one line ------------

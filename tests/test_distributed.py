@@ -236,12 +236,15 @@ MIRRORED = textwrap.dedent("""
     config = load_config(config_path)
     one = config.override("train", batch_size=2, epochs=2)
     two = config.override("train", batch_size=1, epochs=2)  # per replica: the same global batch 2
+    # The post-training tuning changes no history row; the mirrored run "two" keeps it.
+    untuned = {"tune_postprocessing": False}
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert mirrored.num_replicas_in_sync == 2
-    train(data, out + "/one", one, verbose=0)
+    train(data, out + "/one", one.override("train", **untuned), verbose=0)
     train(data, out + "/two", two, strategy=mirrored, verbose=0)
-    train(data, out + "/resumed", two.override("train", epochs=1), strategy=mirrored, verbose=0)
-    train(data, out + "/resumed", two, strategy=mirrored, resume=True, verbose=0)
+    resumed = two.override("train", **untuned)
+    train(data, out + "/resumed", resumed.override("train", epochs=1), strategy=mirrored, verbose=0)
+    train(data, out + "/resumed", resumed, strategy=mirrored, resume=True, verbose=0)
 """)
 
 

@@ -417,8 +417,12 @@ def _history(run):
 @pytest.mark.slow
 def test_ctrl_c_mid_epoch_saves_and_resume_ends_where_an_uninterrupted_run_does(tmp_path, monkeypatch):
     data = _folder(tmp_path / "d")
+    # Without the post-training tuning, which changes no loss (the resumed run reads the setting
+    # from the run's config.toml).
+    (tmp_path / "untuned.toml").write_text("[train]\ntune_postprocessing = false\n")
     args = ["train", data, "--filters", "4", "--depth", "2", "--tile", "60", "--steps-per-epoch", "3",
-            "--val-fraction", "0.3", "--no-augment", "--seed", "1", "--epochs", "2"]
+            "--val-fraction", "0.3", "--no-augment", "--seed", "1", "--epochs", "2",
+            "--config", tmp_path / "untuned.toml"]
     assert _cli(args + ["--out", tmp_path / "straight"]).exit_code == 0
     calls = []
 
