@@ -107,8 +107,9 @@ def in_flight(call: Callable[[T], R], items: Iterable[T], width: int = 2,
     small thread pool (`width` 1: one after the other in the caller's thread).
 
     For the network: one batch alone leaves part of the cores idle between its kernels (1.9
-    of 2 cores busy), two batches in flight fill them (2.0), 8-13 % faster on 2 cores
-    (benchmarks/predict.py, part d); every call is the same, so the results are too. Closing
+    of 2 cores busy), two batches in flight fill them (2.0): 8-13 % faster on 2 cores in one
+    measurement, 0.976 x in a later one (benchmarks/predict.py, part d prints both side by
+    side); every call is the same, so the results are too. Closing
     early cancels the calls not yet started and waits for the running ones.
     """
     if width <= 1:
