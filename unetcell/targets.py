@@ -143,6 +143,12 @@ def border_weights(labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0) -> 
 # --- the class term -------------------------------------------------------------------------
 
 
+def _foreground_fraction(classes_or_labels) -> tuple[np.ndarray, float]:
+    """(foreground mask, its fraction of the pixels): the class frequency w_c is made of."""
+    foreground = np.asarray(classes_or_labels) != 0
+    return foreground, float(np.count_nonzero(foreground)) / max(foreground.size, 1)
+
+
 def class_weights(classes_or_labels: np.ndarray, balance: float = 1.0) -> np.ndarray:
     """The class-balance term w_c of the paper's weight map (section 3, eq. 2), float32 H x W.
 
@@ -154,8 +160,7 @@ def class_weights(classes_or_labels: np.ndarray, balance: float = 1.0) -> np.nda
     merged touching nuclei in a measurement on real data (DESIGN.md), which is why it is a
     setting. An image of one class only is all ones.
     """
-    foreground = np.asarray(classes_or_labels) != 0
-    fraction = float(np.count_nonzero(foreground)) / max(foreground.size, 1)
+    foreground, fraction = _foreground_fraction(classes_or_labels)
     if fraction in (0.0, 1.0) or balance == 0:
         return np.ones(foreground.shape, np.float32)
     w_fg = fraction**-balance
@@ -176,8 +181,7 @@ def balance_shift(class_maps, balance: float = 1.0) -> float:
     """
     pixels, total = 0, 0.0
     for classes in class_maps:
-        foreground = np.asarray(classes) != 0
-        fraction = float(np.count_nonzero(foreground)) / max(foreground.size, 1)
+        foreground, fraction = _foreground_fraction(classes)
         pixels += foreground.size
         if 0.0 < fraction < 1.0 and balance:
             total += foreground.size * balance * math.log((1.0 - fraction) / fraction)
