@@ -36,7 +36,11 @@ def percentiles(image: np.ndarray, config: NormalizeConfig) -> tuple[np.ndarray,
 def apply_normalization(image: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """(image - low) / (high - low) per channel, float32; a flat channel maps to 0."""
     scale = np.where(high > low, high - low, 1.0).astype(np.float32)
-    return (np.asarray(image, dtype=np.float32) - low) / scale
+    # In place on one float32 copy: a band of a wide slide would otherwise hold three.
+    out = np.array(image, dtype=np.float32)
+    out -= low
+    out /= scale
+    return out
 
 
 def normalize(image: np.ndarray, config: NormalizeConfig) -> np.ndarray:

@@ -156,6 +156,7 @@ class Behind(Generic[T, R]):
             if isinstance(item, _Failed):
                 raise item.error
             yield item
+            del item  # not held while waiting for the next one: items may be large bands
 
     def _run(self, consume: Callable[[Iterator[T]], R]) -> None:
         try:

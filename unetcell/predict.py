@@ -311,9 +311,13 @@ class Predictor:
 
             if probabilities is not None:
                 def write(items: Iterator[tuple[int, np.ndarray]]) -> Path:
-                    encoded = ((first, encode_probabilities(band, dtype)) for first, band in items)
+                    def encoded() -> Iterator[tuple[int, np.ndarray]]:
+                        for first, band in items:
+                            yield first, encode_probabilities(band, dtype)
+                            del band  # a band of the slide's width: not held while waiting
+
                     try:
-                        return write_tiled_tiff(probabilities, encoded, (height, width), dtype,
+                        return write_tiled_tiff(probabilities, encoded(), (height, width), dtype,
                                                 overwrite=overwrite)
                     except (UnetcellError, Aborted):
                         raise

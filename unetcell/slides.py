@@ -320,6 +320,7 @@ def _tiff_tiles(
             if filled == tile:
                 yield from emit(tile)
                 filled = 0
+        del band  # copied into the buffer: not held while the next band is computed
     if next_row != height:
         raise ValueError(f"bands ended at row {next_row}; expected {height} rows")
     if filled:

@@ -61,7 +61,7 @@ def predict_tiled_bands(
     predict_fn: PredictFn,
     batch_size: int = 4,
     on_batch: Callable[[int], None] | None = None,
-    ahead: int = 1,
+    ahead: int = 2,
     parallel: int = 2,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Overlap-tile prediction of an image, one band of output rows at a time.
@@ -88,18 +88,23 @@ def predict_tiled_bands(
       multiples of 2**depth), the only shifts under which every 2x2 max pooling groups the
       same pixels as in the whole-image pass.
 
-    Memory is one band of input (tile_h x (W + 2 context) x C floats) cut into tiles and one
-    band of output, so a slide streams in flat memory whatever its height. The next band is
-    read and cut in a background thread, `ahead` bands ahead (0: all in the caller's thread,
-    the same result bit for bit), which adds `ahead` bands of tiles to the memory; `parallel`
-    batches are in the network at once (`unetcell.pipeline.in_flight`; 1: one after the
-    other, the same result bit for bit).
+    Memory is the rows read for one row of tiles (tile_h x W x C floats), a few batches of
+    tiles and one band of output, so a slide streams in flat memory whatever its height, and
+    what grows with its width is kept to those two bands. Batches are read and cut in a
+    background thread, `ahead` batches ahead (0: all in the caller's thread, the same result
+    bit for bit); `parallel` batches are in the network at once
+    (`unetcell.pipeline.in_flight`; 1: one after the other, the same result bit for bit).
     """
     height, width = plan.shape
     rows, cols = plan.rows, plan.cols
 
-    def tile_rows() -> Iterator[list[np.ndarray]]:
-        """Each row of tiles as its batches, ready for the network (read, mirrored, cut)."""
+    def tile_batches() -> Iterator[tuple[int, int, np.ndarray]]:
+        """(row of tiles, first column, batch) for every batch, read, mirrored and cut.
+
+        Each batch is gathered straight from the rows read for its row of tiles, the mirroring
+        folded into the indices: no mirrored copy of the whole band and no row of cut tiles is
+        held. Those scale with the slide's width and made peak memory grow with it (numpy peak
+        +95 MiB from 2048^2 to 8192^2 at depth 2; tiny_mem in benchmarks/predict.py)."""
         col_index = mirror_indices(*cols.span, width)
         for ky in range(rows.count):
             row_index = mirror_indices(*rows.window(ky), height)
@@ -107,29 +112,21 @@ def predict_tiled_bands(
             source = read_rows(lo, hi)
             if source.shape[:2] != (hi - lo, width):
                 raise ValueError(f"read_rows({lo}, {hi}) returned shape {source.shape}")
-            # One gather per axis mirrors the band on all four sides.
-            band = source[row_index - lo][:, col_index]
-            del source
-            # The band starts at column -context, so tile k's window starts at k * stride in it.
-            batches = [np.stack([band[:, k * cols.stride:k * cols.stride + cols.tile]
-                                 for k in range(first, min(first + batch_size, cols.count))])
-                       for first in range(0, cols.count, batch_size)]
-            del band  # not kept while this row waits in the queue
-            yield batches
-
-    def tile_batches() -> Iterator[tuple[int, int, np.ndarray]]:
-        """(row of tiles, first column, batch) for every batch, the next row read and cut in a
-        thread while this one runs (unetcell.pipeline)."""
-        for ky, batches in enumerate(prefetch(tile_rows(), ahead)):
+            local_rows = (row_index - lo)[None, :, None]
             for first in range(0, cols.count, batch_size):
-                yield ky, first, batches.pop(0)  # not kept once it is in the network
+                ks = np.arange(first, min(first + batch_size, cols.count))
+                # The band starts at column -context, so tile k's window starts at k * stride.
+                local_cols = col_index[ks[:, None] * cols.stride + np.arange(cols.tile)][:, None, :]
+                yield ky, first, source[local_rows, local_cols]
+            del source  # not kept while the next rows are read
 
     def forward(item: tuple[int, int, np.ndarray]) -> tuple[int, int, int, np.ndarray]:
         ky, first, tiles = item
         return ky, first, len(tiles), np.asarray(predict_fn(tiles))
 
     out, out_ky, out_first = None, -1, 0
-    for ky, first, count, result in in_flight(forward, tile_batches(), parallel):
+    batches = prefetch(tile_batches(), ahead)
+    for ky, first, count, result in in_flight(forward, batches, parallel):
         src_y, dst_y = rows.keep(ky)
         if ky != out_ky:  # the first batch of the next row: the band above is complete
             if out is not None:
