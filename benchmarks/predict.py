@@ -241,14 +241,13 @@ def staged(predictor, slide_path: Path, out: Path) -> dict[str, float]:
                 source = slide.rows(lo, hi)
             with timed("normalise"):
                 source = apply_normalization(source, low, high)
-            with timed("mirror+cut"):
-                band = source[row_index - lo][:, col_index]
             src_y, dst_y = rows.keep(ky)
             out_band = np.empty((dst_y.stop - dst_y.start, width), np.float32)
             for first in range(0, cols.count, predictor.batch_size):
-                ks = range(first, min(first + predictor.batch_size, cols.count))
-                with timed("mirror+cut"):
-                    tiles = np.stack([band[:, k * cols.stride:k * cols.stride + cols.tile] for k in ks])
+                ks = np.arange(first, min(first + predictor.batch_size, cols.count))
+                with timed("mirror+cut"):  # one gather per batch, as predict_tiled_bands cuts
+                    local_cols = col_index[ks[:, None] * cols.stride + np.arange(cols.tile)]
+                    tiles = source[(row_index - lo)[None, :, None], local_cols[:, None, :]]
                 with timed("forward"):
                     result = predictor.predict_fn(tiles)
                 with timed("stitch"):
