@@ -291,7 +291,9 @@ def test_the_cli_refuses_a_depth_fcn8s_does_not_have_before_any_work(tmp_path):
     # The U-Net's defaults, typed: the config alone cannot tell them from untouched ones.
     for arch, typed, said in [("fcn8s", ["--depth", "4"], "five poolings"),
                               ("fcn8s", ["--padding", "valid"], "zero-padded"),
-                              ("deeplabv3plus", ["--padding", "valid"], "zero-padded")]:
+                              ("deeplabv3plus", ["--padding", "valid"], "zero-padded"),
+                              ("deeplabv3plus", ["--upsampling", "transpose"], "up-samples bilinear"),
+                              ("deeplabv3plus", ["--upsampling", "nearest"], "model.upsampling is bilinear")]:
         result = CliRunner().invoke(main, ["train", str(tmp_path / "no-data"), "--out", str(tmp_path / "run"),
                                            "--arch", arch, *typed])
         assert result.exit_code == 1 and said in result.output and "Traceback" not in result.output

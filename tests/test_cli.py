@@ -69,15 +69,15 @@ def test_train_options_set_their_config_fields_and_absent_ones_keep_the_file(mon
 
     config = _config_given_to(monkeypatch, "unetcell.train", "train", base + [
         "--epochs", "2", "--steps-per-epoch", "5", "--batch-size", "3", "--tile", "188",
-        "--filters", "8", "--depth", "2", "--padding", "same", "--learning-rate", "0.01",
+        "--filters", "8", "--depth", "2", "--padding", "same", "--upsampling", "nearest", "--learning-rate", "0.01",
         "--optimizer", "sgd", "--val-fraction", "0.5", "--channels", "gray", "--deterministic",
         "--strategy", "default", "--mixed-precision", "bfloat16", "--no-augment",
     ])
     assert config.train == Config().train.__class__(
         epochs=2, steps_per_epoch=5, batch_size=3, tile=188, optimizer="sgd", learning_rate=0.01,
         val_fraction=0.5, seed=3, deterministic=True, strategy="default", mixed_precision="bfloat16")
-    assert (config.model.filters, config.model.depth, config.model.padding, config.model.pick_channels) == (
-        8, 2, "same", "gray")
+    assert (config.model.filters, config.model.depth, config.model.padding, config.model.upsampling,
+            config.model.pick_channels) == (8, 2, "same", "nearest", "gray")
     assert config.augment.enabled is False and config.augment.elastic_p == 0.1
 
 

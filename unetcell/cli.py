@@ -95,6 +95,9 @@ def _refuse_typed_defaults(model, given: dict) -> None:
     user typed on the command line that they would silently not do is refused here."""
     if model.arch in ("fcn8s", "deeplabv3plus") and given.get("padding") == "valid":
         raise ConfigError(f"--padding valid: {model.arch} is zero-padded throughout (same); remove --padding")
+    if model.arch == "deeplabv3plus" and given.get("upsampling") == "transpose":
+        raise ConfigError("--upsampling transpose: deeplabv3plus's decoder up-samples bilinear (fixed); "
+                          "remove --upsampling or set bilinear")
     if model.arch == "fcn8s" and given.get("depth") == 4:
         raise ConfigError("--depth 4: fcn8s has VGG-16's five poolings (depth 5); remove --depth or set 5")
 
@@ -132,6 +135,9 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
          help="Number of poolings (paper: 4); deeplabv3plus: 4 or 3 (output stride 16 or 8); fcn8s: always 5.")
 @setting("model", "padding", "--padding", type=click.Choice(["valid", "same"]),
          help="valid: the paper's unpadded convolutions; same: zero padding (fcn8s and deeplabv3plus: always).")
+@setting("model", "upsampling", "--upsampling", type=click.Choice(["transpose", "bilinear", "nearest"]),
+         help="transpose: the paper's learned 2x2 up-convolution; bilinear or nearest: fixed, then a "
+              "2x2 convolution (deeplabv3plus: always bilinear).")
 @setting("train", "learning_rate", "--learning-rate", help="The optimizer's learning rate.")
 @setting("train", "schedule", "--schedule", type=click.Choice(["constant", "cosine"]),
          help="Learning rate: constant, or cosine decay after a 5 % warm-up.")
