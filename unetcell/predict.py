@@ -220,9 +220,11 @@ class Predictor:
         def read_rows(start: int, stop: int) -> np.ndarray:
             rows = slide.rows(start, stop)
             check_finite(rows, slide.path, first_row=start)
-            return apply_normalization(rows, low, high)
+            return rows
 
-        return predict_tiled_bands(read_rows, plan, self.predict_fn, self.batch_size, on_batch)
+        # Normalised tile by tile: a band of a wide slide is held once, in its stored dtype.
+        return predict_tiled_bands(read_rows, plan, self.predict_fn, self.batch_size, on_batch,
+                                   prepare=lambda tiles: apply_normalization(tiles, low, high))
 
     def _tta_probability(self, slide: Slide, low, high, on_batch=None) -> np.ndarray:
         """The mean foreground probability over the 8 flips and 90-degree rotations of the
@@ -306,8 +308,9 @@ class Predictor:
                     if whole is not None:
                         whole[first:first + band.shape[0]] = band
                     elif overlay is not None:
-                        small.append(band[(-first) % step::step, ::step])
+                        small.append(band[(-first) % step::step, ::step].copy())
                     yield first, band
+                    del band  # a band of the slide's width: not held while the next is made
 
             if probabilities is not None:
                 def write(items: Iterator[tuple[int, np.ndarray]]) -> Path:
@@ -326,8 +329,9 @@ class Predictor:
                             f"{probabilities}: cannot be written ({type(e).__name__}: {e})") from e
 
                 with Behind(write, name="unetcell-writer") as writer:
-                    for first, band in bands():
-                        writer.send((first, band))
+                    for item in bands():
+                        writer.send(item)
+                        del item
                 result.written.append(writer.result)
             else:
                 for _ in bands():

@@ -63,12 +63,15 @@ def predict_tiled_bands(
     on_batch: Callable[[int], None] | None = None,
     ahead: int = 2,
     parallel: int = 2,
+    prepare: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Overlap-tile prediction of an image, one band of output rows at a time.
 
     The image is never held whole: `read_rows(start, stop)` returns its rows [start, stop) as
     an array (stop - start, W, C) ready for the network, normalised with statistics of the
-    whole image (per-tile statistics would make neighbouring tiles disagree at their seams).
+    whole image (per-tile statistics would make neighbouring tiles disagree at their seams),
+    or raw when `prepare` (an element-wise map such as that normalisation) is given: it is
+    then applied to each batch of tiles, so the rows are held once, in their stored dtype.
     For each row of tiles of `plan` the function reads the rows those tiles need, extends them
     by mirroring above, below, left and right (numpy's reflect rule, repeated when the image is
     smaller than the context), cuts the tiles, runs them through `predict_fn` in batches of
@@ -88,12 +91,12 @@ def predict_tiled_bands(
       multiples of 2**depth), the only shifts under which every 2x2 max pooling groups the
       same pixels as in the whole-image pass.
 
-    Memory is the rows read for one row of tiles (tile_h x W x C floats), a few batches of
-    tiles and one band of output, so a slide streams in flat memory whatever its height, and
-    what grows with its width is kept to those two bands. Batches are read and cut in a
-    background thread, `ahead` batches ahead (0: all in the caller's thread, the same result
-    bit for bit); `parallel` batches are in the network at once
-    (`unetcell.pipeline.in_flight`; 1: one after the other, the same result bit for bit).
+    Memory is the rows read for one row of tiles (tile_h x W x C), a few batches of tiles and
+    one band of output, handed on as soon as its last tile is in, so a slide streams in flat
+    memory whatever its height, and what grows with its width is kept to those two bands.
+    Batches are read and cut in a background thread, `ahead` batches ahead (0: all in the
+    caller's thread, the same result bit for bit); `parallel` batches are in the network at
+    once (`unetcell.pipeline.in_flight`; 1: one after the other, the same result bit for bit).
     """
     height, width = plan.shape
     rows, cols = plan.rows, plan.cols
@@ -117,28 +120,32 @@ def predict_tiled_bands(
                 ks = np.arange(first, min(first + batch_size, cols.count))
                 # The band starts at column -context, so tile k's window starts at k * stride.
                 local_cols = col_index[ks[:, None] * cols.stride + np.arange(cols.tile)][:, None, :]
-                yield ky, first, source[local_rows, local_cols]
+                tiles = source[local_rows, local_cols]
+                yield ky, first, tiles if prepare is None else prepare(tiles)
             del source  # not kept while the next rows are read
 
     def forward(item: tuple[int, int, np.ndarray]) -> tuple[int, int, int, np.ndarray]:
         ky, first, tiles = item
         return ky, first, len(tiles), np.asarray(predict_fn(tiles))
 
-    out, out_ky, out_first = None, -1, 0
+    out, stitched = None, 0
     batches = prefetch(tile_batches(), ahead)
     for ky, first, count, result in in_flight(forward, batches, parallel):
         src_y, dst_y = rows.keep(ky)
-        if ky != out_ky:  # the first batch of the next row: the band above is complete
-            if out is not None:
-                yield out_first, out
-            out_ky, out_first = ky, dst_y.start
+        if out is None:
             out = np.empty((dst_y.stop - dst_y.start, width) + result.shape[3:], result.dtype)
         for k, tile_out in zip(range(first, first + count), result):
             src_x, dst_x = cols.keep(k)
             out[:, dst_x] = tile_out[src_y, src_x]
+        stitched += count
         if on_batch is not None:
             on_batch(count)
-    yield out_first, out
+        if stitched == cols.count:
+            # Handed on as soon as its last tile is in, so that the consumer (the writer) is
+            # done with it before the next row's band is allocated: one band alive, not two.
+            band, out, stitched = out, None, 0
+            yield dst_y.start, band
+            del band
 
 
 def predict_tiled(
