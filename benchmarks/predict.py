@@ -239,8 +239,6 @@ def staged(predictor, slide_path: Path, out: Path) -> dict[str, float]:
             lo, hi = int(row_index.min()), int(row_index.max()) + 1
             with timed("read"):
                 source = slide.rows(lo, hi)
-            with timed("normalise"):
-                source = apply_normalization(source, low, high)
             src_y, dst_y = rows.keep(ky)
             out_band = np.empty((dst_y.stop - dst_y.start, width), np.float32)
             for first in range(0, cols.count, predictor.batch_size):
@@ -248,6 +246,8 @@ def staged(predictor, slide_path: Path, out: Path) -> dict[str, float]:
                 with timed("mirror+cut"):  # one gather per batch, as predict_tiled_bands cuts
                     local_cols = col_index[ks[:, None] * cols.stride + np.arange(cols.tile)]
                     tiles = source[(row_index - lo)[None, :, None], local_cols[:, None, :]]
+                with timed("normalise"):  # per batch, as predict does (`prepare`)
+                    tiles = apply_normalization(tiles, low, high)
                 with timed("forward"):
                     result = predictor.predict_fn(tiles)
                 with timed("stitch"):
