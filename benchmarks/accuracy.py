@@ -16,6 +16,8 @@ Methods, each scored on the same test images:
   new              this version's defaults (`Config()`), each split trained on its own, scored
                    with the post-processing stored with its model (the min size it measured on
                    the training masks)
+  three-class      the defaults with --targets three-class: background, interior and border
+                   classes, instances grown from the interiors
 Instances: F1 at IoU 0.5 and mean AP over IoU 0.5:0.95 (pooled over the test images; EM cells
 are the 4-connected components of the mask). EM also: pixel error of probability > 0.5 against
 the mask, and the adapted Rand error. Models and probability maps are kept in --work, so a
@@ -99,6 +101,8 @@ PRESETS = {  # method: the configuration it trains and predicts with
                 .override("predict", threshold=0.5, min_size=16, min_size_fraction=0.0,
                           instances="components")),
     "new": Config(),
+    # the boundary U-Net's targets (Caicedo et al. 2019), instances grown from the interiors
+    "three-class": Config().override("targets", kind="three-class"),
 }
 
 
@@ -136,6 +140,11 @@ def probability_maps(model: Path, images: list[Path], reuse: bool) -> list[np.nd
         tifffile.imwrite(path, p)
         maps.append(p)
     return maps
+
+
+def foreground_of(probability: np.ndarray) -> np.ndarray:
+    """The foreground of a map: a three-class model's maps are (foreground, interior)."""
+    return probability[..., 0] if probability.ndim == 3 else probability
 
 
 def score(truths, predictions) -> dict:
@@ -189,7 +198,8 @@ def main(argv=None) -> int:
                 result = score(truths, [make(p) for p in maps])
                 if kind == "em":
                     result["pixel_error"] = float(np.mean(
-                        [np.mean((p > 0.5) != (tifffile.imread(m) > 0)) for p, m in zip(maps, masks)]))
+                        [np.mean((foreground_of(p) > 0.5) != (tifffile.imread(m) > 0))
+                         for p, m in zip(maps, masks)]))
                 rows.append((name, method, seed, result))
             print_rows(rows[-len(args.methods):])
     print(f"\naccuracy, {args.budget} budget, seeds {' '.join(map(str, args.seeds))} "

@@ -153,6 +153,9 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
               "in TF_CONFIG or the Slurm step; auto picks one. --batch-size is per replica.")
 @setting("train", "mixed_precision", "--mixed-precision", type=click.Choice(["off", "bfloat16", "float16"]),
          help="Compute in bfloat16 or float16 (GPUs), float32 variables and softmax.")
+@setting("targets", "kind", "--targets", type=click.Choice(["two-class", "three-class"]),
+         help="two-class: the paper's cell and background with the border weight map; three-class: "
+              "cell interior, cell border and background, instances grown from the interiors.")
 @setting("augment", "enabled", "--no-augment", flag_value=False, help="Train on plain tiles.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--save-targets", is_flag=True, help="Write PNGs of the class and weight maps to RUN/targets.")
@@ -190,9 +193,9 @@ def train(data, run_dir, config_path, manual_dir, resume, save_targets, overwrit
          help="Drop instances smaller than this (pixels); default: as stored with the model.")
 @setting("model", "pick_channels", "--channels",
          help="Pick or reorder channels (0,2) or average them (gray); default: as in training.")
-@setting("predict", "instances", "--instances", type=click.Choice(["watershed", "components"]),
+@setting("predict", "instances", "--instances", type=click.Choice(["watershed", "components", "interiors"]),
          help="Split touching cells with a watershed (default) or keep the paper's connected "
-              "components.")
+              "components; interiors: grow a three-class model's interiors (its default).")
 @setting("predict", "tta", "--tta", help="Average the 8 flips and 90-degree rotations (8x the time).")
 @click.option("--overlay", is_flag=True, help="Also write an overlay PNG of predicted contours.")
 @click.option("--shard", help="I/N: predict only every N-th image from the I-th (0-based), so N "

@@ -147,12 +147,20 @@ class TargetsConfig:
     # nuclei (DESIGN.md), so the default is milder.
     balance: float = 0.5
     gap: int = 1  # background pixels carved between touching cells (paper Figure 3c)
+    # two-class: the paper's background and cell. three-class: background, cell interior and
+    # cell border (the carved gaps included), the boundary U-Net of Caicedo et al. 2019;
+    # instances are grown from the interiors (predict.instances "interiors").
+    kind: str = "two-class"
+    border: int = 2  # three-class: width in pixels of the border class inside each cell
 
     def __post_init__(self) -> None:
         _check(self.w0 >= 0, f"targets.w0 must be >= 0. Received: {self.w0}")
         _check(self.sigma > 0, f"targets.sigma must be > 0. Received: {self.sigma}")
         _check(0 <= self.balance <= 1, f"targets.balance must be in [0, 1]. Received: {self.balance}")
         _check(self.gap in (0, 1, 2), f"targets.gap must be 0, 1 or 2. Received: {self.gap}")
+        _check(self.kind in ("two-class", "three-class"),
+               f"targets.kind must be 'two-class' or 'three-class'. Received: {self.kind!r}")
+        _check(self.border >= 1, f"targets.border must be >= 1. Received: {self.border}")
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,9 @@ class PredictConfig:
     # 0 keeps min_size alone.
     min_size_fraction: float = 0.25
     # watershed: split the thresholded foreground at the necks between touching cells
-    # (README, Accuracy); components: the paper's connected components.
+    # (README, Accuracy); components: the paper's connected components; interiors: for a
+    # three-class model (targets.kind), the cell interiors above the threshold grown into the
+    # foreground (set by training such a model).
     instances: str = "watershed"
     # Pixels a peak of the distance to the background must rise above the neck to its
     # neighbour to be a cell of its own (the h of the h-maxima markers).
@@ -279,8 +289,8 @@ class PredictConfig:
         _check(0 <= self.min_size_fraction <= 1,
                f"predict.min_size_fraction must be in [0, 1]. Received: {self.min_size_fraction}")
         _check(
-            self.instances in ("watershed", "components"),
-            f"predict.instances must be 'watershed' or 'components'. Received: {self.instances!r}",
+            self.instances in ("watershed", "components", "interiors"),
+            f"predict.instances must be 'watershed', 'components' or 'interiors'. Received: {self.instances!r}",
         )
         _check(math.isfinite(self.balance_shift) and abs(self.balance_shift) <= 20,
                f"predict.balance_shift must be a finite logit in [-20, 20]. Received: {self.balance_shift}")
@@ -308,6 +318,18 @@ class Config:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    def for_targets(self) -> Config:
+        """The network's classes and the step to instances that the targets imply: three-class
+        targets need three output classes and instances grown from the interiors. Asking for
+        interiors of a two-class target is refused rather than silently done another way."""
+        if self.targets.kind == "three-class":
+            return (self.override("model", classes=3)
+                    .override("predict", instances="interiors"))
+        _check(self.predict.instances != "interiors",
+               "predict.instances 'interiors' needs a three-class model (targets.kind "
+               "'three-class', --targets three-class); use 'watershed' or 'components'")
+        return self
 
 
 _SECTIONS = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]

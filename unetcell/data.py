@@ -35,7 +35,7 @@ class Example:
 
     name: str  # file stem, with the region when an image is split (e.g. "a[val]")
     image: np.ndarray  # float32 H x W x C, percentile-normalised
-    classes: np.ndarray  # uint8 H x W, 1 = cell (gaps carved between touching cells)
+    classes: np.ndarray  # uint8 H x W, 1 = cell (gaps carved between touching cells); three-class: 1 interior, 2 border
     weights: np.ndarray  # float32 H x W, the weight map of paper eq. 2
     labels: np.ndarray  # int32 H x W instance labels
 
@@ -66,7 +66,8 @@ def compute_targets(
             with np.load(path) as cached:
                 return cached["classes"], cached["weights"]
     classes, weights = targets.training_targets(
-        labels, w0=config.w0, sigma=config.sigma, balance=config.balance, gap=config.gap
+        labels, w0=config.w0, sigma=config.sigma, balance=config.balance, gap=config.gap,
+        kind=config.kind, border=config.border,
     )
     weights = weights.astype(np.float32)
     if path is not None:

@@ -71,7 +71,7 @@ def foreground_counts(y_true, y_pred, threshold: float = 0.5):
     """(intersection, union, correct, total) pixel counts of the foreground class, summed over
     a batch: pooled over validation tiles they give the foreground IoU and pixel accuracy."""
     truth = y_true[..., 0] > 0.5
-    predicted = y_pred[..., 1] > threshold
+    predicted = ops.sum(y_pred[..., 1:], axis=-1) > threshold  # every class but background
     count = lambda x: ops.sum(ops.cast(x, "float32"))  # noqa: E731
     return (
         count(ops.logical_and(truth, predicted)),

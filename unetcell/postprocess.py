@@ -33,24 +33,34 @@ from scipy import ndimage
 _FOUR = ndimage.generate_binary_structure(2, 1)
 
 
-METHODS = ("watershed", "components")
+METHODS = ("watershed", "components", "interiors")
 
 
 def instances(probability: np.ndarray, threshold: float = 0.5, min_size: int = 16,
               method: str = "watershed", h: float = 1.0, ratio: float = 0.0) -> np.ndarray:
     """Instance labels (H x W int32, 0 background, 1..N cells, numbered in raster order) from
-    an H x W foreground probability map.
+    an H x W foreground probability map, or the H x W x 2 (foreground, interior) map of a
+    three-class model.
 
     method "components" is the paper's: the connected components of the thresholded map.
     "watershed" (the default) then splits each component along the necks between its
     cells (`split_touching`: markers at least `h` pixels and `ratio` of the cell's half-width
-    above the neck).
+    above the neck). "interiors" (three-class maps only) grows the interiors above
+    `threshold` into the foreground (`grow_interiors`); the other two read the foreground.
     """
     probability = np.asarray(probability, dtype=np.float32)
-    if probability.ndim != 2:
-        raise ValueError(f"expected an H x W probability map. Received shape {probability.shape}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}. Received: {method!r}")
+    if probability.ndim == 3 and probability.shape[2] == 2:
+        if method == "interiors":
+            return grow_interiors(probability[..., 0], probability[..., 1], threshold, min_size)
+        probability = probability[..., 0]
+    if probability.ndim != 2:
+        raise ValueError("expected an H x W probability map (or H x W x 2 foreground and interior). "
+                         f"Received shape {probability.shape}")
+    if method == "interiors":
+        raise ValueError("method 'interiors' needs the H x W x 2 (foreground, interior) map of a "
+                         "three-class model. Received an H x W foreground map")
     labels, count = ndimage.label(probability > threshold, structure=_FOUR, output=np.int32)
     if count == 0:
         return labels
@@ -58,6 +68,28 @@ def instances(probability: np.ndarray, threshold: float = 0.5, min_size: int = 1
     if method == "watershed":
         labels = drop_small(split_touching(labels, h, ratio=ratio), min_size)
     return fill_gaps(labels, probability)
+
+
+def grow_interiors(foreground: np.ndarray, interior: np.ndarray, threshold: float = 0.5,
+                   min_size: int = 16) -> np.ndarray:
+    """Instances of a three-class map (Caicedo et al. 2019): each 4-connected region of
+    interior probability above `threshold` is a cell, grown into the foreground (probability
+    above 0.5) by a watershed of the interior probability, so the border pixels between two
+    touching cells go to the one whose interior they lean to. Foreground that no interior
+    reaches (a cell too small to have one) is a cell of its own. Holes are filled, cells under
+    `min_size` pixels dropped, numbered 1..N."""
+    from skimage.segmentation import watershed
+
+    seeds, count = ndimage.label(interior > threshold, structure=_FOUR, output=np.int32)
+    mask = (foreground > 0.5) | (seeds > 0)
+    if count == 0:
+        labels = ndimage.label(mask, structure=_FOUR, output=np.int32)[0]
+    else:
+        labels = watershed(-interior, seeds, mask=mask, connectivity=1).astype(np.int32)
+        missed, extra = ndimage.label(mask & (labels == 0), structure=_FOUR, output=np.int32)
+        if extra:
+            labels = np.where(missed > 0, missed + count, labels).astype(np.int32)
+    return drop_small(fill_holes(labels), min_size)
 
 
 def split_touching(labels: np.ndarray, h: float = 1.0, smoothing: float = 1.0,

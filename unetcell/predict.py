@@ -181,7 +181,14 @@ class Predictor:
         self.channels = int(model.input_shape[-1])
         self.tile, self.note = choose_tile(config.predict.tile, self.geometry)
         self.batch_size = config.predict.batch_size
-        self.predict_fn = forward_fn(model, "foreground", self.geometry, config.predict.balance_shift)
+        # A three-class model's map is (foreground, interior): its instances grow from the
+        # interiors; the probability file holds the foreground alone, as for two classes.
+        self.interiors = int(model.output_shape[-1]) == 3 and config.predict.instances == "interiors"
+        if config.predict.instances == "interiors" and not self.interiors:
+            raise ConfigError("--instances interiors needs a three-class model (trained with "
+                              "--targets three-class); use watershed or components")
+        self.predict_fn = forward_fn(model, "interiors" if self.interiors else "foreground",
+                                     self.geometry, config.predict.balance_shift)
 
     def plan(self, height: int, width: int) -> TilePlan:
         return tile_plan(height, width, self.tile, self.geometry)
@@ -231,7 +238,7 @@ class Predictor:
         image (test-time augmentation, in memory). Each is an exact overlap-tile pass over the
         transformed image, with the original image's percentiles, mapped back."""
         image = apply_normalization(slide.rows(0, slide.shape[0]), low, high)
-        total = np.zeros(slide.shape[:2], np.float64)
+        total = np.zeros(self.map_shape(*slide.shape[:2]), np.float64)
         for turns, flipped in tta_transforms():
             view = np.ascontiguousarray(_transform(image, turns, flipped))
             total += _untransform(self.normalised_probability(view, on_batch), turns, flipped)
@@ -242,10 +249,16 @@ class Predictor:
         memory, as training's examples are), by the same overlap-tile pass."""
         return predict_tiled(image, self.predict_fn, self.tile, self.geometry, self.batch_size, on_batch)
 
+    def map_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape of the probability map of an image: H x W, or H x W x 2 (foreground,
+        interior) for a three-class model."""
+        return (height, width, 2) if self.interiors else (height, width)
+
     def probabilities(self, image: Slide | np.ndarray) -> np.ndarray:
-        """H x W float32 foreground probability of an image (H x W or H x W x C, raw)."""
+        """H x W float32 foreground probability of an image (H x W or H x W x C, raw); H x W x 2
+        (foreground, interior) for a three-class model."""
         slide = as_slide(image)
-        out = np.empty(slide.shape[:2], np.float32)
+        out = np.empty(self.map_shape(*slide.shape[:2]), np.float32)
         for first, band in self.probability_bands(slide):
             out[first:first + band.shape[0]] = band
         return out
@@ -300,7 +313,7 @@ class Predictor:
                 on_tiles(plan.count)
             result = SlideResult(slide.path, (height, width), plan.count, plan.tile_shape)
             step = display_stride(height, width, OVERLAY_EDGE)
-            whole = np.empty((height, width), np.float32) if labels is not None else None
+            whole = np.empty(self.map_shape(height, width), np.float32) if labels is not None else None
             small = []  # the foreground map on the overlay's stride, when no labels are made
 
             def bands() -> Iterator[tuple[int, np.ndarray]]:
@@ -316,7 +329,7 @@ class Predictor:
                 def write(items: Iterator[tuple[int, np.ndarray]]) -> Path:
                     def encoded() -> Iterator[tuple[int, np.ndarray]]:
                         for first, band in items:
-                            yield first, encode_probabilities(band, dtype)
+                            yield first, encode_probabilities(band[..., 0] if band.ndim == 3 else band, dtype)
                             del band  # a band of the slide's width: not held while waiting
 
                     try:

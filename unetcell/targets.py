@@ -291,11 +291,66 @@ def carved_weight_map(
 
 
 def training_targets(
-    labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0, balance: float = 1.0, gap: int = 1
+    labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0, balance: float = 1.0, gap: int = 1,
+    kind: str = "two-class", border: int = 2,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(`classes`, `weight_map`) of an instance label image, carving the gaps once for both."""
+    """(`classes`, `weight_map`) of an instance label image, carving the gaps once for both;
+    kind "three-class" gives `three_classes` and their weights (`three_class_weight_map`)."""
     carved = carve_gaps(labels, gap)
+    if kind == "three-class":
+        classes = three_classes(labels, gap, border, carved=carved)
+        return classes, three_class_weight_map(classes, carved, w0, sigma, balance)
+    if kind != "two-class":
+        raise ValueError(f"kind must be 'two-class' or 'three-class'. Received: {kind!r}")
     return (carved != 0).astype(np.uint8), carved_weight_map(carved, w0, sigma, balance)
+
+
+# --- three classes: background, interior, border ---------------------------------------------
+
+BACKGROUND, INTERIOR, BORDER = 0, 1, 2
+
+
+def three_classes(labels: np.ndarray, gap: int = 1, border: int = 2,
+                  carved: np.ndarray | None = None) -> np.ndarray:
+    """The boundary U-Net's target (Caicedo et al., Cytometry A 2019), uint8 H x W: 0 for
+    background, 1 for a cell's interior, 2 for its border, the pixels of the cell within
+    `border` pixels (chessboard distance) of anything that is not the same cell, and the gaps
+    `carve_gaps` carves between touching cells.
+
+    Touching cells are then two interiors parted by at least 2 * border pixels of border
+    class, which the network learns as a class of its own rather than as a one-pixel gap of
+    background; instances are grown back from the interiors (`postprocess.grow_interiors`). The
+    image's edge is not a border: a cell cut by it goes on outside. A cell thinner than
+    2 * border + 1 is all border and has no interior.
+    """
+    labels = _label_image(labels)
+    if border < 1:
+        raise ValueError(f"border must be >= 1. Received: {border}")
+    carved = carve_gaps(labels, gap) if carved is None else carved
+    size = 2 * border + 1
+    # A pixel is interior when every pixel of its (2 border + 1)^2 window is the same cell.
+    same = (ndimage.maximum_filter(carved, size=size, mode="nearest")
+            == ndimage.minimum_filter(carved, size=size, mode="nearest"))
+    out = np.where(carved != 0, np.uint8(BORDER), np.uint8(BACKGROUND))
+    out[(carved != 0) & same] = INTERIOR
+    out[(labels != 0) & (carved == 0)] = BORDER  # the carved gaps
+    return out
+
+
+def three_class_weight_map(classes: np.ndarray, carved: np.ndarray, w0: float = 10.0,
+                           sigma: float = 5.0, balance: float = 1.0) -> np.ndarray:
+    """Weights of the three-class target, float32 H x W: each class's frequency balance
+    ((1 / f_c) ** balance, mean 1 over the image, as `class_weights`) plus the paper's border
+    term of the carved labels, which is heavy in the gaps between touching cells."""
+    classes = np.asarray(classes)
+    counts = np.bincount(classes.ravel(), minlength=3).astype(np.float64)
+    fractions = counts / max(classes.size, 1)
+    per_class = np.ones(counts.size, np.float64)
+    present = fractions > 0
+    if balance and np.count_nonzero(present) > 1:
+        per_class[present] = fractions[present] ** -balance
+        per_class /= float(np.sum(fractions * per_class))
+    return (per_class.astype(np.float32)[classes] + border_weights(carved, w0=w0, sigma=sigma)).astype(np.float32)
 
 
 # --- masks as instances ---------------------------------------------------------------------

@@ -214,12 +214,13 @@ def forward_fn(model, output: str = "foreground", geometry: Geometry | None = No
     no `jit_compile`, 3.4x slower on CPU).
 
     output: "foreground" gives (B, h, w) foreground probabilities, "classes" (B, h, w, classes),
-    with training's class balance divided out (`calibrated`).
+    with training's class balance divided out (`calibrated`); "interiors", for a three-class
+    model, (B, h, w, 2): the foreground and the interior (class 1) probability.
     """
     import tensorflow as tf
 
-    if output not in ("foreground", "classes"):
-        raise ValueError(f"output must be 'foreground' or 'classes'. Received: {output!r}")
+    if output not in ("foreground", "classes", "interiors"):
+        raise ValueError(f"output must be 'foreground', 'classes' or 'interiors'. Received: {output!r}")
     geometry = geometry or Geometry.of_model(model)
     channels = int(model.input_shape[-1])
 
@@ -227,6 +228,8 @@ def forward_fn(model, output: str = "foreground", geometry: Geometry | None = No
         @tf.function(input_signature=[tf.TensorSpec((None, height, width, channels), tf.float32)])
         def run(batch):
             probabilities = calibrated(model(batch, training=False), balance_shift)
+            if output == "interiors":
+                return tf.stack([foreground(probabilities), probabilities[..., 1]], axis=-1)
             return foreground(probabilities) if output == "foreground" else probabilities
 
         return run

@@ -278,6 +278,7 @@ def _train(
 ) -> dict[str, float]:
     """The loop of every worker. `out_dir` is what this worker writes (the run folder on the
     chief, a temporary folder on the others); `run_dir` is read to resume."""
+    config = config.for_targets()
     if this.is_chief or resume:  # the others must not touch the chief's run before resuming
         _prepare_run_dir(run_dir, resume, overwrite)
     if resume and (run_dir / "last.keras").exists():  # before anything in the run is rewritten
@@ -531,6 +532,12 @@ def _balance_shift(config: Config, examples, verbose: int) -> Config:
     divides it out and gives calibrated probabilities (`tiling.calibrated`)."""
     if not config.train.calibrate:
         return config
+    if config.targets.kind == "three-class":
+        # The shift is one logit between background and foreground; three classes have a
+        # balance weight each, so their probabilities stay as the loss taught them and the
+        # threshold on the interiors is what is tuned.
+        _say(verbose, "class balance: three-class probabilities are not calibrated")
+        return config.override("predict", balance_shift=0.0)
     shift = targets.balance_shift([e.classes for e in examples], config.targets.balance)
     if shift:
         _say(verbose, f"class balance: the loss weighs foreground x{math.exp(shift):.2f} against "
