@@ -76,3 +76,16 @@ def test_a_misspelt_key_in_a_shipped_experiment_is_named_with_its_file(path, tmp
     with pytest.raises(ConfigError, match=rf"{section}\.{key}s") as e:
         load_config(copy)
     assert str(copy) in str(e.value)
+
+
+def test_three_class_targets_bring_three_classes_and_instances_from_the_interiors():
+    from unetcell.config import Config
+    from unetcell.errors import ConfigError
+
+    config = Config().override("targets", kind="three-class").for_targets()
+    assert (config.model.classes, config.predict.instances) == (3, "interiors")
+    assert Config().for_targets() == Config()
+    with pytest.raises(ConfigError, match="three-class"):
+        Config().override("predict", instances="interiors").for_targets()
+    with pytest.raises(ConfigError, match="targets.kind"):
+        Config().override("targets", kind="boundary")

@@ -159,7 +159,7 @@ def test_empty_or_faint_maps_give_no_cells():
 
 def test_a_probability_map_must_be_two_dimensional():
     with pytest.raises(ValueError, match="H x W"):
-        instances(np.zeros((4, 5, 2), np.float32))
+        instances(np.zeros((4, 5, 3), np.float32))
 
 
 def _overlapping_discs(shape=(50, 70), offset=18, radius=11):
@@ -223,3 +223,51 @@ def test_a_ratio_keeps_large_lobed_cells_whole_and_still_splits_touching_nuclei(
     assert split_touching(big.astype(np.int32), h=0.5, ratio=0.3).max() == 1
     small, _, _ = _overlapping_discs(offset=14, radius=9)
     assert split_touching(small.astype(np.int32), h=0.5, ratio=0.1).max() == 2
+
+
+# --- three-class maps: instances grown from the interiors ------------------------------------
+
+
+def _three_class_map(labels: np.ndarray, border: int = 2) -> np.ndarray:
+    """The (foreground, interior) map a perfect three-class network gives for `labels`."""
+    from unetcell.targets import INTERIOR, three_classes
+
+    classes = three_classes(labels, gap=0, border=border)
+    return np.dstack([classes != 0, classes == INTERIOR]).astype(np.float32)
+
+
+def test_interiors_grow_back_into_the_touching_cells_they_came_from():
+    yy, xx = np.mgrid[:40, :60]
+    labels = np.zeros((40, 60), np.int32)
+    labels[(yy - 20) ** 2 + (xx - 20) ** 2 <= 100] = 1
+    labels[((yy - 20) ** 2 + (xx - 38) ** 2 <= 100) & (labels == 0)] = 2  # touching disc 1
+    cells = instances(_three_class_map(labels), 0.5, 4, "interiors")
+    assert cells.max() == 2
+    assert np.array_equal(cells > 0, labels > 0)  # every foreground pixel, nothing beyond
+    # The border pixels go to the cell whose interior they lean to: away from the contact,
+    # each cell comes back exactly; at the contact at most the two border rings are shared.
+    matched = {int(np.bincount(cells[labels == k]).argmax()) for k in (1, 2)}
+    assert matched == {1, 2}
+    for k in (1, 2):
+        own = np.bincount(cells[labels == k], minlength=3)
+        assert own.max() >= 0.95 * own.sum()
+    # Connected components of the same foreground merge them: the interiors are the lever.
+    assert instances(_three_class_map(labels)[..., 0], 0.5, 4, "components").max() == 1
+
+
+def test_foreground_without_an_interior_is_a_cell_of_its_own_and_specks_go():
+    probability = np.zeros((30, 30, 2), np.float32)
+    probability[2:5, 2:5, 0] = 0.9  # too thin for an interior: kept as a cell
+    probability[10:25, 10:25, 0] = 0.9
+    probability[13:22, 13:22, 1] = 0.8
+    probability[28, 28, 0] = 0.9  # a speck
+    cells = instances(probability, 0.5, 4, "interiors")
+    assert cells.max() == 2
+    assert np.count_nonzero(cells) == 9 + 225
+    # Other methods read the foreground of a three-class map.
+    assert instances(probability, 0.5, 4, "components").max() == 2
+
+
+def test_interiors_need_a_three_class_map():
+    with pytest.raises(ValueError, match="three-class"):
+        instances(np.zeros((8, 8), np.float32), method="interiors")

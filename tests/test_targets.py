@@ -445,3 +445,70 @@ def test_save_targets_figure_writes_png_and_refuses_to_overwrite(tmp_path):
         save_targets_figure(mask_path, out, TargetsConfig())
     save_targets_figure(mask_path, out, TargetsConfig(gap=2), overwrite=True)
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
+
+
+# --- three classes ----------------------------------------------------------------------------
+
+
+def _two_touching_squares():
+    labels = np.zeros((30, 40), np.int32)
+    labels[5:20, 5:20] = 1
+    labels[5:20, 20:35] = 2
+    return labels
+
+
+@pytest.mark.parametrize("border", [1, 2, 3])
+def test_three_classes_part_touching_interiors_by_twice_the_border(border):
+    from unetcell.targets import BORDER, INTERIOR, three_classes
+
+    labels = _two_touching_squares()
+    classes = three_classes(labels, gap=1, border=border)
+    assert np.array_equal(classes != 0, labels != 0)  # the gap is border, not background
+    # Brute force: interior is a cell pixel whose whole (2 border + 1)^2 window is that cell,
+    # on the carved labels, the image's edge extended.
+    carved = carve_gaps(labels, 1)
+    padded = np.pad(carved, border, mode="edge")
+    for y, x in zip(*np.nonzero(labels)):
+        window = padded[y:y + 2 * border + 1, x:x + 2 * border + 1]
+        expected = INTERIOR if carved[y, x] and np.all(window == carved[y, x]) else BORDER
+        assert classes[y, x] == expected
+    interior_cols = np.nonzero(classes[12] == INTERIOR)[0]
+    gaps = np.diff(interior_cols)
+    assert gaps.max() - 1 >= 2 * border  # border pixels between the two interiors
+
+
+def test_three_classes_the_image_edge_is_not_a_border():
+    from unetcell.targets import INTERIOR, three_classes
+
+    labels = np.zeros((20, 20), np.int32)
+    labels[:, :10] = 1
+    classes = three_classes(labels, border=2)
+    assert np.all(classes[:, :8] == INTERIOR)  # the cell goes on past the top, bottom and left
+
+
+def test_three_class_weights_balance_each_class_and_keep_the_border_term():
+    from unetcell.targets import three_class_weight_map, three_classes
+
+    labels = _two_touching_squares()
+    carved = carve_gaps(labels, 1)
+    classes = three_classes(labels, carved=carved)
+    plain = three_class_weight_map(classes, carved, w0=0, balance=1.0)
+    assert plain.mean() == pytest.approx(1.0, rel=1e-6)
+    counts = np.bincount(classes.ravel())
+    for c in range(3):  # full balancing: every class carries the same total weight
+        assert plain[classes == c].sum() == pytest.approx(classes.size / 3, rel=1e-5)
+        assert np.ptp(plain[classes == c]) == 0 and counts[c] > 0
+    weighted = three_class_weight_map(classes, carved, w0=10, sigma=5, balance=1.0)
+    assert np.allclose(weighted - plain, border_weights(carved, 10, 5), atol=1e-6)
+    assert np.all(three_class_weight_map(classes, carved, w0=0, balance=0) == 1)
+
+
+def test_training_targets_three_class_agree_with_the_pieces():
+    from unetcell.targets import three_class_weight_map, three_classes, training_targets
+
+    labels = _two_touching_squares()
+    classes, weights = training_targets(labels, w0=10, sigma=5, balance=0.5, gap=1, kind="three-class", border=2)
+    assert np.array_equal(classes, three_classes(labels, 1, 2))
+    assert np.array_equal(weights, three_class_weight_map(classes, carve_gaps(labels, 1), 10, 5, 0.5))
+    with pytest.raises(ValueError, match="kind"):
+        training_targets(labels, kind="four-class")

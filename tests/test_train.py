@@ -112,3 +112,27 @@ def test_the_loop_follows_the_schedule_to_the_last_step(synth_folder, tmp_path):
     last = scheduled_learning_rate(config, 2 * 6 - 1)
     assert float(model.optimizer.learning_rate) == pytest.approx(last, rel=1e-5)
     assert last < 0.1 * config.train.learning_rate
+
+
+def test_a_three_class_run_saves_three_classes_and_predicts_from_the_interiors(synth_folder, tmp_path):
+    import tifffile
+
+    from unetcell.predict import load_predictor
+
+    train(synth_folder, tmp_path / "run", SMALL.override("targets", kind="three-class"), verbose=0)
+    saved = load_config(tmp_path / "run" / "config.toml")
+    assert (saved.targets.kind, saved.model.classes, saved.predict.instances) == ("three-class", 3, "interiors")
+    assert saved.predict.balance_shift == 0.0  # three classes are not calibrated by one logit
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras")
+    assert model.output_shape[-1] == 3
+
+    predictor = load_predictor(tmp_path / "run" / "model.keras")
+    image = tifffile.imread(sorted((synth_folder / "images").glob("*.tif"))[0])
+    maps = predictor.probabilities(image)
+    assert maps.shape == image.shape[:2] + (2,)
+    assert np.all(maps[..., 1] <= maps[..., 0] + 1e-6)  # the interior is part of the foreground
+    result = predictor.predict_slide(image, probabilities=tmp_path / "p.tif", labels=tmp_path / "l.tif")
+    # The file holds the foreground alone, the labels are grown from the interiors.
+    assert np.array_equal(tifffile.imread(tmp_path / "p.tif"), maps[..., 0])
+    assert np.array_equal(tifffile.imread(tmp_path / "l.tif"), predictor.instances(maps))
+    assert result.cells == int(predictor.instances(maps).max())
