@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -99,3 +100,27 @@ def test_predict_options_override_the_settings_saved_with_the_model(monkeypatch,
     assert config.predict == saved.predict.__class__(
         tile=60, batch_size=2, threshold=0.4, min_size=5, instances="components", tta=True)
     assert config.model.pick_channels == "0" and config.model.filters == 2
+
+
+def test_targets_draws_the_three_classes_the_option_names(tmp_path):
+    import tifffile
+    from imageio.v3 import imread
+
+    labels = np.zeros((40, 60), np.uint16)
+    labels[10:30, 2:31], labels[10:30, 31:58] = 1, 2
+    tifffile.imwrite(tmp_path / "mask.tif", labels)
+    drawn = {}
+    for kind in ("two-class", "three-class"):
+        out = tmp_path / f"{kind}.png"
+        result = CliRunner().invoke(main, ["targets", str(tmp_path / "mask.tif"), "-o", str(out), "--targets", kind])
+        assert result.exit_code == 0, result.output
+        drawn[kind] = imread(out)
+    # White is the page, the gap column (two classes) or the border class (three): the figures
+    # differ by the extra border pixels, each drawn as a zoom x zoom block.
+    from unetcell.figures import MIN_EDGE
+    from unetcell.targets import BORDER, three_classes
+
+    extra = int((three_classes(labels) == BORDER).sum()) - 20
+    zoom = -(-MIN_EDGE // 60)
+    white = {kind: int(np.all(rgb[..., :3] == 255, axis=-1).sum()) for kind, rgb in drawn.items()}
+    assert white["three-class"] - white["two-class"] == pytest.approx(extra * zoom**2, rel=0.1)

@@ -107,6 +107,31 @@ def test_colour_bar_spans_zero_to_the_heaviest_weight_and_the_panel_follows_it()
     assert np.abs(shown[weights < 0.2 * weights.max()] - top_of_viridis).sum(axis=-1).min() > 300  # dark
 
 
+def test_three_class_figure_shows_the_interiors_the_border_class_and_their_weights():
+    from unetcell.config import TargetsConfig
+    from unetcell.targets import BORDER, INTERIOR, training_targets
+
+    labels = touching_rectangles(40, 60, split=31)
+    settings = figures.figure_settings(TargetsConfig(kind="three-class", border=2, balance=1.0))
+    fig = figures.targets_plot(labels, **settings)
+    class_panel, weight_panel = panels(fig)
+    zoom = class_panel.shape[0] // 40
+    shown = class_panel[::zoom, ::zoom]
+    taught, weights = training_targets(labels, w0=10, sigma=5, balance=1.0, gap=1, kind="three-class", border=2)
+    white = np.all(shown == 255, axis=-1)
+    assert np.array_equal(white, taught == BORDER)  # 2 px inside each cell, the carved gap included
+    assert np.array_equal(np.all(shown == 0, axis=-1), taught == 0)
+    carved = carve_gaps(labels, 1)
+    left, right = shown[(taught == INTERIOR) & (carved == 1)], shown[(taught == INTERIOR) & (carved == 2)]
+    assert len(left) and len(right) and (left == left[0]).all() and (right == right[0]).all()
+    assert not np.array_equal(left[0], right[0])
+    bar = next(ax for ax in fig.axes if ax.get_label() == "colour bar")
+    assert bar.get_ylim() == pytest.approx((0.0, weights.max()))
+    assert weights.max() != pytest.approx(weight_map(labels, w0=10, sigma=5, balance=1.0, gap=1).max())
+    with pytest.raises(ValueError, match="kind"):
+        figures.targets_plot(labels, kind="four-class")
+
+
 def test_one_pixel_gap_stays_visible_on_a_slide_shown_smaller():
     # 5000 px wide is drawn on a stride of 3: the gap column (3001) is not on the stride, so
     # a plain stride would drop it; the block maximum keeps it.

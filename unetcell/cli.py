@@ -102,6 +102,12 @@ def _refuse_typed_defaults(model, given: dict) -> None:
         raise ConfigError("--depth 4: fcn8s has VGG-16's five poolings (depth 5); remove --depth or set 5")
 
 
+targets_kind_option = setting(
+    "targets", "kind", "--targets", type=click.Choice(["two-class", "three-class"]),
+    help="two-class: the paper's cell and background with the border weight map; three-class: "
+         "cell interior, cell border and background, instances grown from the interiors.")
+
+
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--count", default=8, show_default=True, help="Number of images.")
@@ -153,9 +159,7 @@ def synth(out, count, shape, seed, bit_depth, overwrite):
               "in TF_CONFIG or the Slurm step; auto picks one. --batch-size is per replica.")
 @setting("train", "mixed_precision", "--mixed-precision", type=click.Choice(["off", "bfloat16", "float16"]),
          help="Compute in bfloat16 or float16 (GPUs), float32 variables and softmax.")
-@setting("targets", "kind", "--targets", type=click.Choice(["two-class", "three-class"]),
-         help="two-class: the paper's cell and background with the border weight map; three-class: "
-              "cell interior, cell border and background, instances grown from the interiors.")
+@targets_kind_option
 @setting("augment", "enabled", "--no-augment", flag_value=False, help="Train on plain tiles.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--save-targets", is_flag=True, help="Write PNGs of the class and weight maps to RUN/targets.")
@@ -318,12 +322,14 @@ def convert(data, out, manual_dir, overwrite):
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Show the image beside the maps.")
 @config_option
+@targets_kind_option
 @click.option("--overwrite", is_flag=True)
-def targets(mask, out, image, config_path, overwrite):
+def targets(mask, out, image, config_path, overwrite, **settings):
     """Draw what the network is taught for MASK: class map and weight map (paper Fig. 3)."""
     from .figures import save_targets_figure
 
-    save_targets_figure(mask, out, _load(config_path).targets, image_path=image, overwrite=overwrite)
+    config = with_settings(_load(config_path), settings)
+    save_targets_figure(mask, out, config.targets, image_path=image, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
 

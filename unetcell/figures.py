@@ -28,7 +28,8 @@ from .errors import DataError
 from .files import check_writable
 from .io import read_image, read_mask, write_png
 from .overlay import display_stride, to_display
-from .targets import as_instances, carve_gaps, carved_weight_map
+from .targets import (BORDER, INTERIOR, as_instances, carve_gaps, carved_weight_map, three_class_weight_map,
+                      three_classes)
 
 WEIGHT_CMAP = "viridis"  # perceptually uniform, readable in gray and by colour-blind readers
 GAP_COLOUR = (255, 255, 255)  # carved gap pixels: white between the coloured cells
@@ -186,6 +187,8 @@ def targets_plot(
     sigma: float = 5.0,
     balance: float = 1.0,
     gap: int = 1,
+    kind: str = "two-class",
+    border: int = 2,
 ) -> Figure:
     """What the network is taught for one instance label image, as a matplotlib figure (paper
     Fig. 3).
@@ -195,6 +198,10 @@ def targets_plot(
     cells in different colours, the gap pixels carved between them white), and the weight map
     `weight_map(labels, w0, sigma, balance, gap)` in viridis with a colour bar from 0 to its
     maximum. Titles state the settings, the number of cells and carved gap pixels.
+
+    kind "three-class" draws `three_classes` instead: each cell's interior in its colour, the
+    border class (`border` px inside each cell, the carved gaps included) white, and the
+    weights `three_class_weight_map` that come with them.
 
     Small images are scaled up by whole pixels to MIN_EDGE; images with an edge longer than
     MAX_EDGE are shown on an integer stride, the gaps and the weights by block maxima so that
@@ -209,8 +216,21 @@ def targets_plot(
             f"Received shape {np.shape(image)}"
         )
     carved = carve_gaps(labels, gap)
-    weights = carved_weight_map(carved, w0=w0, sigma=sigma, balance=balance)
     gaps = (labels != 0) & (carved == 0)
+    cells = int(np.count_nonzero(np.unique(labels)))
+    if kind == "three-class":
+        taught = three_classes(labels, gap, border, carved=carved)
+        weights = three_class_weight_map(taught, carved, w0=w0, sigma=sigma, balance=balance)
+        coloured = np.where(taught == INTERIOR, carved, 0)
+        white = taught == BORDER
+        class_title = (f"classes, border {border} px (white), gap {gap} px\n"
+                       f"{cells} cells, {int(white.sum())} border px")
+    elif kind == "two-class":
+        weights = carved_weight_map(carved, w0=w0, sigma=sigma, balance=balance)
+        coloured, white = carved, gaps
+        class_title = f"classes, gap {gap} px\n{cells} cells, {int(gaps.sum())} gap px (white)"
+    else:
+        raise ValueError(f"kind must be 'two-class' or 'three-class'. Received: {kind!r}")
     vmax = float(weights.max()) if weights.size else 0.0
 
     height, width = labels.shape
@@ -218,11 +238,10 @@ def targets_plot(
     shown_h, shown_w = -(-height // step), -(-width // step)
     zoom = max(1, -(-MIN_EDGE // max(shown_h, shown_w, 1)))
 
-    class_rgb = instance_colours(carved[::step, ::step])
-    class_rgb[block_max(gaps, step)] = GAP_COLOUR
-    cells = int(np.count_nonzero(np.unique(labels)))
+    class_rgb = instance_colours(coloured[::step, ::step])
+    class_rgb[block_max(white, step)] = GAP_COLOUR
     panels = [
-        (class_rgb, f"classes, gap {gap} px\n{cells} cells, {int(gaps.sum())} gap px (white)", {}),
+        (class_rgb, class_title, {}),
         (block_max(weights, step), f"weights (eq. 2), w$_0$={w0:g}, σ={sigma:g} px\nbalance {balance:g}, "
          f"max {vmax:.3g}", {"cmap": WEIGHT_CMAP, "vmin": 0.0, "vmax": max(vmax, 1e-12)}),
     ]
@@ -238,9 +257,17 @@ def targets_plot(
     return fig
 
 
-def targets_figure(labels: np.ndarray, image: np.ndarray | None = None, **settings: float) -> np.ndarray:
-    """`targets_plot` (settings w0, sigma, balance, gap) rendered to H x W x 3 uint8 RGB."""
+def targets_figure(labels: np.ndarray, image: np.ndarray | None = None, **settings: float | str) -> np.ndarray:
+    """`targets_plot` (settings w0, sigma, balance, gap, kind, border) rendered to H x W x 3
+    uint8 RGB."""
     return render(targets_plot(labels, image=image, **settings))
+
+
+def figure_settings(targets_config: TargetsConfig) -> dict[str, float | str]:
+    """The `targets_plot` settings of a `[targets]` config: the figure shows what training
+    with it teaches."""
+    t = targets_config
+    return {"w0": t.w0, "sigma": t.sigma, "balance": t.balance, "gap": t.gap, "kind": t.kind, "border": t.border}
 
 
 def save_targets_figure(
@@ -265,8 +292,5 @@ def save_targets_figure(
                 f"{image_path}: image is {image.shape[0]} x {image.shape[1]} but the mask "
                 f"{mask_path.name} is {labels.shape[0]} x {labels.shape[1]}"
             )
-    figure = targets_figure(
-        labels, image=image, w0=targets_config.w0, sigma=targets_config.sigma,
-        balance=targets_config.balance, gap=targets_config.gap,
-    )
+    figure = targets_figure(labels, image=image, **figure_settings(targets_config))
     return write_png(out_path, figure, overwrite=overwrite)

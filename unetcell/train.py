@@ -569,12 +569,9 @@ def _say(verbose: int, text: str) -> None:
 
 
 def _save_target_figures(pairs, examples, out_dir: Path, config: Config) -> None:
-    from .figures import targets_figure
+    from .figures import figure_settings, targets_figure
     from .io import write_png
 
     for pair, example in zip(pairs, examples):
-        figure = targets_figure(
-            example.labels, image=example.image, w0=config.targets.w0, sigma=config.targets.sigma,
-            balance=config.targets.balance, gap=config.targets.gap,
-        )
+        figure = targets_figure(example.labels, image=example.image, **figure_settings(config.targets))
         write_png(out_dir / f"{pair.stem}.png", figure, overwrite=True)
