@@ -28,8 +28,15 @@ from .errors import DataError
 from .files import check_writable
 from .io import read_image, read_mask, write_png
 from .overlay import display_stride, to_display
-from .targets import (BORDER, INTERIOR, as_instances, carve_gaps, carved_weight_map, three_class_weight_map,
-                      three_classes)
+from .targets import (
+    BORDER,
+    INTERIOR,
+    as_instances,
+    carve_gaps,
+    carved_weight_map,
+    three_class_weight_map,
+    three_classes,
+)
 
 WEIGHT_CMAP = "viridis"  # perceptually uniform, readable in gray and by colour-blind readers
 GAP_COLOUR = (255, 255, 255)  # carved gap pixels: white between the coloured cells
