@@ -131,7 +131,28 @@ def main(argv=None) -> int:
     print(f"\narchitectures, 16 filters, {args.steps} steps of tile {args.tile}, seeds "
           f"{' '.join(map(str, args.seeds))} ({time.strftime('%Y-%m-%d')}):")
     print_rows(rows, cost, header=True)
+    if len(args.seeds) > 1:
+        print("\nmedian [min, max] over the seeds:")
+        print_medians(rows, cost)
     return 0
+
+
+def print_medians(rows, cost) -> None:
+    """One line per split and architecture: the seeds' medians, with the range of F1 and mean AP
+    (the spread that says whether two architectures differ)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for name, arch, _, result in rows:
+        groups.setdefault((name, arch), []).append(result)
+    print(f"{'split':9s} {'arch':15s} {'n':>2s} {'params':>9s} {'GFLOP/Mpx':>9s} {'Mpx/s':>6s} {'train s':>7s} "
+          f"{'F1@0.5 [min, max]':>22s} {'mAP [min, max]':>22s} {'pixerr':>6s}")
+    for (name, arch), results in groups.items():
+        med = {key: float(np.median([r[key] for r in results]))
+               for key in ("mpx_s", "train_s", "f1", "ap", "pixel_error")}
+        spread = {key: f"{med[key]:.3f} [{min(r[key] for r in results):.3f}, {max(r[key] for r in results):.3f}]"
+                  for key in ("f1", "ap")}
+        params, gflops = cost[arch]
+        print(f"{name:9s} {arch:15s} {len(results):2d} {params:9,d} {gflops:9.1f} {med['mpx_s']:6.2f} "
+              f"{med['train_s']:7.0f} {spread['f1']:>22s} {spread['ap']:>22s} {med['pixel_error']:6.3f}", flush=True)
 
 
 def print_rows(rows, cost, header=False) -> None:
