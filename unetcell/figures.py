@@ -28,15 +28,7 @@ from .errors import DataError
 from .files import check_writable
 from .io import read_image, read_mask, write_png
 from .overlay import display_stride, to_display
-from .targets import (
-    BORDER,
-    INTERIOR,
-    as_instances,
-    carve_gaps,
-    carved_weight_map,
-    three_class_weight_map,
-    three_classes,
-)
+from .targets import BORDER, INTERIOR, as_instances, carve_gaps, training_targets
 
 WEIGHT_CMAP = "viridis"  # perceptually uniform, readable in gray and by colour-blind readers
 GAP_COLOUR = (255, 255, 255)  # carved gap pixels: white between the coloured cells
@@ -225,19 +217,15 @@ def targets_plot(
     carved = carve_gaps(labels, gap)
     gaps = (labels != 0) & (carved == 0)
     cells = int(np.count_nonzero(np.unique(labels)))
+    taught, weights = training_targets(labels, w0=w0, sigma=sigma, balance=balance, gap=gap, kind=kind,
+                                       border=border, carved=carved)
     if kind == "three-class":
-        taught = three_classes(labels, gap, border, carved=carved)
-        weights = three_class_weight_map(taught, carved, w0=w0, sigma=sigma, balance=balance)
-        coloured = np.where(taught == INTERIOR, carved, 0)
-        white = taught == BORDER
+        coloured, white = np.where(taught == INTERIOR, carved, 0), taught == BORDER
         class_title = (f"classes, border {border} px (white), gap {gap} px\n"
                        f"{cells} cells, {int(white.sum())} border px")
-    elif kind == "two-class":
-        weights = carved_weight_map(carved, w0=w0, sigma=sigma, balance=balance)
+    else:
         coloured, white = carved, gaps
         class_title = f"classes, gap {gap} px\n{cells} cells, {int(gaps.sum())} gap px (white)"
-    else:
-        raise ValueError(f"kind must be 'two-class' or 'three-class'. Received: {kind!r}")
     vmax = float(weights.max()) if weights.size else 0.0
 
     height, width = labels.shape

@@ -292,11 +292,12 @@ def carved_weight_map(
 
 def training_targets(
     labels: np.ndarray, w0: float = 10.0, sigma: float = 5.0, balance: float = 1.0, gap: int = 1,
-    kind: str = "two-class", border: int = 2,
+    kind: str = "two-class", border: int = 2, carved: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(`classes`, `weight_map`) of an instance label image, carving the gaps once for both;
-    kind "three-class" gives `three_classes` and their weights (`three_class_weight_map`)."""
-    carved = carve_gaps(labels, gap)
+    """(`classes`, `weight_map`) of an instance label image, carving the gaps once for both
+    (or taking `carve_gaps(labels, gap)` already made, as `carved`); kind "three-class" gives
+    `three_classes` and their weights (`three_class_weight_map`)."""
+    carved = carve_gaps(labels, gap) if carved is None else carved
     if kind == "three-class":
         classes = three_classes(labels, gap, border, carved=carved)
         return classes, three_class_weight_map(classes, carved, w0, sigma, balance)
