@@ -51,3 +51,27 @@ def test_the_cli_imports_tensorflow_through_the_filter_and_prints_no_chatter():
     assert result.stdout.decode().split() == ["_FilteredLoader"]
     lines = result.stderr.splitlines(keepends=True)
     assert not [line for line in lines if is_chatter(line, 2)], result.stderr.decode()
+
+
+def test_the_cli_imports_keras_without_matplotlib_and_matplotlib_still_imports_after():
+    # Keras imports matplotlib.pyplot when it can (0.4-0.7 s of every command's start-up).
+    code = (
+        "import sys, unetcell.cli, keras;"
+        "print('matplotlib' in sys.modules);"
+        "from keras.src.visualization import plot_image_gallery as g;"
+        "print(g.plt is None);"
+        "import matplotlib.figure;"
+        "print(sys.modules['matplotlib'] is not None)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert result.stdout.decode().split() == ["False", "True", "True"]
+
+
+def test_matplotlib_absent_leaves_an_imported_matplotlib_alone():
+    import matplotlib
+
+    from unetcell.quiet import matplotlib_absent
+
+    with matplotlib_absent():
+        import matplotlib.colors  # noqa: F401  (already importable: nothing is hidden)
+    assert sys.modules["matplotlib"] is matplotlib

@@ -1,4 +1,5 @@
-"""TensorFlow started without its C++ start-up chatter on stderr, for the command line.
+"""TensorFlow and Keras started for the command line: without TensorFlow's C++ start-up chatter
+on stderr, and without matplotlib's start-up.
 
 `TF_CPP_MIN_LOG_LEVEL` filters TensorFlow's own logging, but since TF 2.16 part of its C++ code
 logs through absl, which writes everything to file descriptor 2 until `absl::InitializeLog()`
@@ -13,6 +14,13 @@ imported, below Python's `sys.stderr`, so the only cure is at the file descripto
 imports it), runs with fd 2 captured, and afterwards writes back every line except the log lines
 below the level `TF_CPP_MIN_LOG_LEVEL` asks for. Errors (E lines), Python warnings and
 anything else are always written back, only later.
+
+Keras imports `matplotlib.pyplot` when it is installed (for `keras.visualization`'s galleries,
+which unetcell never calls), and that import costs 0.4-0.7 s of every command's start-up, about
+a tenth of `unetcell predict`'s fixed cost (issue 19: start-up is what keeps a whole predict
+process from the forward pass's speed). `quiet_tensorflow_import` therefore runs the first
+`import keras` with matplotlib marked absent, so Keras takes its own "not installed" path;
+afterwards matplotlib imports as usual (unetcell's figures use it).
 """
 
 from __future__ import annotations
@@ -77,11 +85,28 @@ def filtered_stderr(level: int | None = None) -> Iterator[None]:
                 os.write(2, kept)
 
 
-class _FilteredLoader(importlib.abc.Loader):
-    """The real loader of a module, executing it inside `filtered_stderr`."""
+@contextmanager
+def matplotlib_absent() -> Iterator[None]:
+    """`import matplotlib` (and its submodules) raises ImportError inside the block, unless it
+    is imported already; afterwards it imports normally."""
+    if "matplotlib" in sys.modules:
+        yield
+        return
+    sys.modules["matplotlib"] = None  # type: ignore[assignment]  # the import system's "absent"
+    try:
+        yield
+    finally:
+        if "matplotlib" in sys.modules and sys.modules["matplotlib"] is None:
+            del sys.modules["matplotlib"]
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+
+class _FilteredLoader(importlib.abc.Loader):
+    """The real loader of a module, executing it inside `context` (`filtered_stderr` unless
+    told otherwise)."""
+
+    def __init__(self, loader: importlib.abc.Loader, context=filtered_stderr) -> None:
         self._loader = loader
+        self._context = context
 
     def __getattr__(self, name: str):  # is_package, get_resource_reader, ...: the real loader's
         return getattr(self._loader, name)
@@ -90,15 +115,17 @@ class _FilteredLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        with filtered_stderr():
+        with self._context():
             self._loader.exec_module(module)
 
 
 class _QuietFirstImport(importlib.abc.MetaPathFinder):
-    """Finds `name` once, through the other finders, with a loader that filters stderr."""
+    """Finds `name` once, through the other finders, with a loader that runs it inside
+    `context` (filtered stderr unless told otherwise)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, context=filtered_stderr) -> None:
         self.name = name
+        self.context = context
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
@@ -106,15 +133,18 @@ class _QuietFirstImport(importlib.abc.MetaPathFinder):
         sys.meta_path.remove(self)  # once, and the real finders below find the real spec
         spec = importlib.util.find_spec(fullname)
         if spec is not None and spec.loader is not None:
-            spec.loader = _FilteredLoader(spec.loader)
+            spec.loader = _FilteredLoader(spec.loader, self.context)
         return spec
 
 
 def quiet_tensorflow_import() -> None:
-    """TF_CPP_MIN_LOG_LEVEL 3 unless the user set it, and the first `import tensorflow` of this
-    process filtered by `filtered_stderr`. TensorFlow is not imported here: `unetcell --help`
-    stays instant and commands without TensorFlow never load it."""
+    """TF_CPP_MIN_LOG_LEVEL 3 unless the user set it, the first `import tensorflow` of this
+    process filtered by `filtered_stderr`, and the first `import keras` run with matplotlib
+    absent. Neither is imported here: `unetcell --help` stays instant and commands without
+    TensorFlow never load it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" in sys.modules or any(isinstance(f, _QuietFirstImport) for f in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _QuietFirstImport("tensorflow"))
+    hooked = {f.name for f in sys.meta_path if isinstance(f, _QuietFirstImport)}
+    if "tensorflow" not in sys.modules and "tensorflow" not in hooked:
+        sys.meta_path.insert(0, _QuietFirstImport("tensorflow"))
+    if "keras" not in sys.modules and "keras" not in hooked:
+        sys.meta_path.insert(0, _QuietFirstImport("keras", matplotlib_absent))
