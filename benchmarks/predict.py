@@ -187,7 +187,7 @@ WHOLE = 4096
 STARTUP = """
 import time, sys
 t = [time.perf_counter()]
-import tensorflow, keras, unetcell.predict  # noqa
+import unetcell.cli, tensorflow, keras, unetcell.predict  # noqa  (the command's import hooks)
 t.append(time.perf_counter())
 from unetcell.predict import load_predictor
 import numpy as np
