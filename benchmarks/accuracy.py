@@ -18,6 +18,8 @@ Methods, each scored on the same test images:
                    the training masks)
   three-class      the defaults with --targets three-class: background, interior and border
                    classes, instances grown from the interiors
+  constant         the defaults with a constant learning rate instead of the cosine schedule
+                   (the defaults of 2026-12-01)
 Instances: F1 at IoU 0.5 and mean AP over IoU 0.5:0.95 (pooled over the test images; EM cells
 are the 4-connected components of the mask). EM also: pixel error of probability > 0.5 against
 the mask, and the adapted Rand error. Models and probability maps are kept in --work, so a
@@ -103,6 +105,7 @@ PRESETS = {  # method: the configuration it trains and predicts with
     "new": Config(),
     # the boundary U-Net's targets (Caicedo et al. 2019), instances grown from the interiors
     "three-class": Config().override("targets", kind="three-class"),
+    "constant": Config().override("train", schedule="constant"),
 }
 
 

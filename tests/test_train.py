@@ -102,7 +102,8 @@ def test_cosine_schedule_is_keras_cosine_decay_with_warmup():
     theirs = np.array([float(reference(step + 1 if step < warmup else step)) for step in range(total)])
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-9)
     assert ours.max() == pytest.approx(3e-3) and ours[-1] < 1e-6
-    assert scheduled_learning_rate(SMALL, 123) == SMALL.train.learning_rate  # constant
+    constant = SMALL.override("train", schedule="constant")
+    assert scheduled_learning_rate(constant, 123) == constant.train.learning_rate
 
 
 def test_the_loop_follows_the_schedule_to_the_last_step(synth_folder, tmp_path):
