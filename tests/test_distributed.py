@@ -233,7 +233,9 @@ MIRRORED = textwrap.dedent("""
     from unetcell.train import train
 
     data, out, config_path = sys.argv[1:]
-    config = load_config(config_path)
+    # "resumed" extends a finished one-epoch run to two, equal to a straight run only at a
+    # constant rate (a cosine's first epoch depends on the run's length)
+    config = load_config(config_path).override("train", schedule="constant")
     one = config.override("train", batch_size=2, epochs=2)
     two = config.override("train", batch_size=1, epochs=2)  # per replica: the same global batch 2
     # The post-training tuning changes no history row; the mirrored run "two" keeps it.
