@@ -54,7 +54,7 @@ def test_the_cli_imports_tensorflow_through_the_filter_and_prints_no_chatter():
 
 
 def test_the_cli_imports_keras_without_matplotlib_and_matplotlib_still_imports_after():
-    # Keras imports matplotlib.pyplot when it can (0.4-0.7 s of every command's start-up).
+    # Keras imports matplotlib.pyplot when it can (0.2-0.7 s of every command's start-up).
     code = (
         "import sys, unetcell.cli, keras;"
         "print('matplotlib' in sys.modules);"

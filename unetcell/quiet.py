@@ -16,9 +16,10 @@ below the level `TF_CPP_MIN_LOG_LEVEL` asks for. Errors (E lines), Python warnin
 anything else are always written back, only later.
 
 Keras imports `matplotlib.pyplot` when it is installed (for `keras.visualization`'s galleries,
-which unetcell never calls), and that import costs 0.4-0.7 s of every command's start-up, about
-a tenth of `unetcell predict`'s fixed cost (issue 19: start-up is what keeps a whole predict
-process from the forward pass's speed). `quiet_tensorflow_import` therefore runs the first
+which unetcell never calls), and that import costs every command's start-up 0.24 s (medians
+of five fresh `import keras` on 2 quiet cores: 3.35 s against 3.11 s) to 0.7 s on loaded
+cores, up to a tenth of `unetcell predict`'s fixed cost (issue 19: start-up is what keeps a
+whole predict process from the forward pass's speed). `quiet_tensorflow_import` therefore runs the first
 `import keras` with matplotlib marked absent, so Keras takes its own "not installed" path;
 afterwards matplotlib imports as usual (unetcell's figures use it).
 """
