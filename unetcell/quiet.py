@@ -19,9 +19,9 @@ Keras imports `matplotlib.pyplot` when it is installed (for `keras.visualization
 which unetcell never calls), and that import costs every command's start-up 0.24 s (medians
 of five fresh `import keras` on 2 quiet cores: 3.35 s against 3.11 s) to 0.7 s on loaded
 cores, up to a tenth of `unetcell predict`'s fixed cost (issue 19: start-up is what keeps a
-whole predict process from the forward pass's speed). `quiet_tensorflow_import` therefore runs the first
-`import keras` with matplotlib marked absent, so Keras takes its own "not installed" path;
-afterwards matplotlib imports as usual (unetcell's figures use it).
+whole predict process from the forward pass's speed). `quiet_tensorflow_import` therefore
+runs the first `import keras` with matplotlib marked absent, so Keras takes its own "not
+installed" path; afterwards matplotlib imports as usual (unetcell's figures use it).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def matplotlib_absent() -> Iterator[None]:
     try:
         yield
     finally:
-        if "matplotlib" in sys.modules and sys.modules["matplotlib"] is None:
+        if sys.modules.get("matplotlib", False) is None:  # not imported for real meanwhile
             del sys.modules["matplotlib"]
 
 
@@ -145,7 +145,6 @@ def quiet_tensorflow_import() -> None:
     TensorFlow never load it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     hooked = {f.name for f in sys.meta_path if isinstance(f, _QuietFirstImport)}
-    if "tensorflow" not in sys.modules and "tensorflow" not in hooked:
-        sys.meta_path.insert(0, _QuietFirstImport("tensorflow"))
-    if "keras" not in sys.modules and "keras" not in hooked:
-        sys.meta_path.insert(0, _QuietFirstImport("keras", matplotlib_absent))
+    for name, context in (("tensorflow", filtered_stderr), ("keras", matplotlib_absent)):
+        if name not in sys.modules and name not in hooked:
+            sys.meta_path.insert(0, _QuietFirstImport(name, context))
