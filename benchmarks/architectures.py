@@ -68,7 +68,7 @@ def train_arch(arch: str, name: str, seed: int, steps: int, tile: int, work: Pat
     from unetcell.train import train
 
     train_folder = SPLITS[name][1]
-    run = work / "runs" / f"{arch}-{name}-seed{seed}-{steps}x{tile}"
+    run = work / "runs" / f"{arch}-{name}-seed{seed}-{steps}x{tile}-{config.train.schedule}"
     if reuse and (run / "model.keras").exists():
         return run / "model.keras", float((run / "train_seconds.txt").read_text())
     config = (config.override("model", arch=arch, filters=16)
@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="Training steps (10 epochs), every architecture.")
     parser.add_argument("--tile", type=int, default=572,
                         help="Training tile edge, rounded to each architecture's nearest valid size.")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default=Config().train.schedule,
+                        help="Learning-rate schedule of every run (the README's table used constant).")
     parser.add_argument("--reuse", action="store_true", help="Reuse trained models in --work.")
     args = parser.parse_args(argv)
     if not args.data.exists():
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     from unetcell.tiling import Geometry
 
     lay_out(args.data, args.work)
-    config = Config()
+    config = Config().override("train", schedule=args.schedule)
     cost = {}
     for arch in args.archs:
         model = build_model(config.model.__class__(arch=arch, filters=16, dropout=0.0))
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
                 result["train_s"] = seconds
                 rows.append((name, arch, seed, result))
                 print_rows(rows[-1:], cost)
-    print(f"\narchitectures, 16 filters, {args.steps} steps of tile {args.tile}, seeds "
+    print(f"\narchitectures, 16 filters, {args.steps} steps of tile {args.tile}, {args.schedule} rate, seeds "
           f"{' '.join(map(str, args.seeds))} ({time.strftime('%Y-%m-%d')}):")
     print_rows(rows, cost, header=True)
     if len(args.seeds) > 1:
