@@ -27,7 +27,6 @@ from official.core import exp_factory
 from official.vision.configs import maskrcnn  # noqa: F401  (registers the experiment configs)
 from official.vision.ops import preprocess_ops
 from official.vision.tasks import maskrcnn as maskrcnn_task
-
 from prepare import load_image
 
 SCORE = 0.5  # detections kept, and the mask probability that is inside
