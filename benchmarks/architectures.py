@@ -12,6 +12,7 @@ Training seconds are wall time on whatever else the machine runs: the budget is 
 number of steps of the same tile size, and the seconds say what each architecture paid for it.
 
     python benchmarks/architectures.py --sets nuclei em --seeds 0 1 2 --steps 300 --work runs/arch
+    python benchmarks/architectures.py --schedule constant          # the README's tables
 """
 
 from __future__ import annotations
