@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import SPLITS, lay_out, score, truth_of  # noqa: E402
 
-from unetcell.config import ARCHITECTURES, Config  # noqa: E402
+from unetcell.config import ARCHITECTURES, SCHEDULES, Config  # noqa: E402
 
 FLOPS_OUTPUT_EDGE = 512
 THROUGHPUT_EDGE = 1024
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="Training steps (10 epochs), every architecture.")
     parser.add_argument("--tile", type=int, default=572,
                         help="Training tile edge, rounded to each architecture's nearest valid size.")
-    parser.add_argument("--schedule", choices=("constant", "cosine"), default=Config().train.schedule,
+    parser.add_argument("--schedule", choices=SCHEDULES, default=Config().train.schedule,
                         help="Learning-rate schedule of every run (the README's table used constant).")
     parser.add_argument("--reuse", action="store_true", help="Reuse trained models in --work.")
     args = parser.parse_args(argv)

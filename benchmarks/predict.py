@@ -305,8 +305,9 @@ def whole_process(folder: Path, repeats: int) -> None:
     print(f"    ratio forward / predict_slide:  {f / i:.3f} (excluding start-up; bar >= 0.95)")
     # The first bar leaves f / 0.85 - f for everything but the network, start-up included; a
     # bare `python -c "import tensorflow"` is a floor under start-up that no code of ours runs in.
-    print(f"    the 0.85 bar leaves {f / 0.85 - f:.2f} s beside the forward pass; a bare Python process "
-          f"importing TensorFlow alone takes {min(bare):.2f} s ({min(bare) / (f / 0.85 - f):.2f} x that)")
+    allowed = f / 0.85 - f
+    print(f"    the 0.85 bar leaves {allowed:.2f} s beside the forward pass; a bare Python process "
+          f"importing TensorFlow alone takes {min(bare):.2f} s ({min(bare) / allowed:.2f} x that)")
     best = {k: min(s[k] for s in stages) for k in stages[0]}
     imports, load_model, trace, warm = (min(s[j] for s in startup) for j in range(4))
     print("    breakdown (each stage alone, best of the runs; the sum of the stages after start-up is")

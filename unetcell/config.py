@@ -37,6 +37,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 ARCHITECTURES = ("unet", "unet-separable", "fcn8s", "deeplabv3plus")
+SCHEDULES = ("constant", "cosine")  # the learning rate over a run: train.scheduled_learning_rate
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ class TrainConfig:
         )
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0. Received: {self.learning_rate}")
         _check(
-            self.schedule in ("constant", "cosine"),
+            self.schedule in SCHEDULES,
             f"train.schedule must be 'constant' or 'cosine'. Received: {self.schedule!r}",
         )
         _check(0 <= self.val_fraction < 1, f"train.val_fraction must be in [0, 1). Received: {self.val_fraction}")

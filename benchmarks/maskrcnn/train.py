@@ -110,6 +110,7 @@ def labels_of(outputs, height: int, width: int) -> np.ndarray:
     scores = outputs["detection_scores"][0, :count].numpy()
     masks = outputs["detection_masks"][0, :count].numpy()
     labels = np.zeros((height, width), np.int32)
+    count = 0
     for i in np.argsort(-scores):
         y0, x0, y1, x1 = boxes[i]
         if scores[i] < SCORE or min(y1, height) <= max(y0, 0) or min(x1, width) <= max(x0, 0):
@@ -118,11 +119,11 @@ def labels_of(outputs, height: int, width: int) -> np.ndarray:
         mask = tf.image.resize(masks[i][..., None], size)[..., 0].numpy() > SCORE
         oy, ox = round(y0), round(x0)
         ys, xs = slice(max(oy, 0), min(oy + size[0], height)), slice(max(ox, 0), min(ox + size[1], width))
-        inside = np.zeros((height, width), bool)
-        inside[ys, xs] = mask[ys.start - oy:ys.stop - oy, xs.start - ox:xs.stop - ox]
-        inside &= labels == 0
+        box = labels[ys, xs]  # a view: only the box is read and written
+        inside = mask[ys.start - oy:ys.stop - oy, xs.start - ox:xs.stop - ox] & (box == 0)
         if inside.any():
-            labels[inside] = labels.max() + 1
+            count += 1
+            box[inside] = count
     return labels
 
 
