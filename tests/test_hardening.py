@@ -377,13 +377,35 @@ def test_a_full_disk_removes_the_partial_file_and_says_how_much_was_needed(tiny_
 
 # --- interruptions ---------------------------------------------------------------------------
 
-def _wait_for(predicate, seconds=120):
+def _wait_for(predicate, seconds=120, proc=None):
     end = time.time() + seconds
     while time.time() < end:
         if predicate():
             return True
+        if proc is not None and proc.poll() is not None:
+            return False  # it ended first: waiting on would only cost the rest of the minutes
         time.sleep(0.2)
     return False
+
+
+# `unetcell predict` whose bar pauses at each batch of tiles: a tiny model on a fast machine
+# writes the whole slide between two looks at the folder, and the signal must land mid-write.
+SLOW_PREDICT = [sys.executable, "-c", """
+import time
+from unetcell import progress
+from unetcell.cli import main
+real = progress.tqdm
+def paused(*args, **kwargs):
+    bar = real(*args, **kwargs)
+    update = bar.update
+    def slowly(n=1):
+        time.sleep(0.5)
+        return update(n)
+    bar.update = slowly
+    return bar
+progress.tqdm = paused
+main()
+"""]
 
 
 @pytest.mark.slow
@@ -394,10 +416,12 @@ def test_an_interrupted_predict_leaves_nothing_and_the_next_run_is_clean(tiny_mo
     out = tmp_path / "out"
     out.mkdir()
     # A shell's background job inherits an ignored SIGINT; give the child Python's usual one.
-    proc = subprocess.Popen(CLI + ["predict", str(tiny_model), str(image), "-o", str(out / "p.tif")],
+    proc = subprocess.Popen(SLOW_PREDICT + ["predict", str(tiny_model), str(image), "-o", str(out / "p.tif")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    assert _wait_for(lambda: list(out.glob(".p.*.tif")) and list(out.glob(".p.*.tif"))[0].stat().st_size > 0)
+    writing = _wait_for(lambda: list(out.glob(".p.*.tif")) and list(out.glob(".p.*.tif"))[0].stat().st_size > 0,
+                        proc=proc)
+    assert writing, (proc.poll(), proc.stderr.read() if proc.poll() is not None else "still running")
     proc.send_signal(how)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
@@ -499,7 +523,7 @@ def test_a_kill_9_train_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = ["train", str(data), "--out", str(run), *TINY_ARGS, "--epochs", "40"]
     proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert _wait_for(lambda: (run / "state.json").exists(), 300)
+    assert _wait_for(lambda: (run / "state.json").exists(), 300, proc=proc)
     time.sleep(1.0)
     proc.kill()
     proc.wait()
