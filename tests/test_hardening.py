@@ -419,9 +419,9 @@ def test_an_interrupted_predict_leaves_nothing_and_the_next_run_is_clean(tiny_mo
     proc = subprocess.Popen(SLOW_PREDICT + ["predict", str(tiny_model), str(image), "-o", str(out / "p.tif")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    writing = _wait_for(lambda: list(out.glob(".p.*.tif")) and list(out.glob(".p.*.tif"))[0].stat().st_size > 0,
-                        proc=proc)
-    assert writing, (proc.poll(), proc.stderr.read() if proc.poll() is not None else "still running")
+    writing = _wait_for(lambda: any(p.stat().st_size > 0 for p in out.glob(".p.*.tif")), proc=proc)
+    ended = proc.poll()
+    assert writing, (ended, "still running" if ended is None else proc.stderr.read())
     proc.send_signal(how)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0

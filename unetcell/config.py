@@ -237,7 +237,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, f"train.learning_rate must be > 0. Received: {self.learning_rate}")
         _check(
             self.schedule in SCHEDULES,
-            f"train.schedule must be 'constant' or 'cosine'. Received: {self.schedule!r}",
+            f"train.schedule must be {' or '.join(map(repr, SCHEDULES))}. Received: {self.schedule!r}",
         )
         _check(0 <= self.val_fraction < 1, f"train.val_fraction must be in [0, 1). Received: {self.val_fraction}")
         _check(
